@@ -1,0 +1,154 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) as pure functions over a params pytree.
+
+Params layout (layers stacked on a leading L axis so one `lax.scan` runs them all, which keeps
+compiled programs small):
+
+    embed_tokens                 [V, D]
+    layers/input_layernorm       [L, D]
+    layers/self_attn/{q,k,v,o}_proj/kernel   [L, in, out]   (+ /bias [L, out] where present)
+    layers/post_attention_layernorm          [L, D]
+    layers/mlp/{gate,up,down}_proj/kernel    [L, in, out]
+    norm                         [D]
+    lm_head                      [D, V]   (absent when embeddings are tied)
+
+Kernels are stored [in, out] (HF's weight transposed) so a projection is `x @ kernel`.
+Every projection goes through `linear(x, p, adapter)`: the model does not know about SVF;
+an adapter (svf.py) replaces the dense product at call time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from t2jax.models import rope
+from t2jax.models.config import ModelConfig
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+NEG_INF = -1e30  # finite: a fully masked (padding) query row stays NaN-free
+
+# (x [..., in], {"kernel": [in, out], "bias"?: [out]}, adapter or None) -> [..., out]
+Linear = Callable[[jnp.ndarray, dict, Any], jnp.ndarray]
+
+
+def plain_linear(x: jnp.ndarray, p: dict, adapter: Any = None) -> jnp.ndarray:
+  del adapter
+  y = x @ p["kernel"]
+  return y + p["bias"] if "bias" in p else y
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: jnp.ndarray  # [L, B, S, KVH, K]
+  v: jnp.ndarray  # [L, B, S, KVH, K]
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight * x32.astype(x.dtype)
+
+
+def _attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, visible_BxTxS):
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
+  scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK).astype(jnp.float32)
+  scores = scores * (kd ** -0.5)
+  scores = jnp.where(visible_BxTxS[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+  out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
+  return out.reshape(b, t, h * kd)
+
+
+def forward(
+    params: dict,
+    tokens_BxT: jnp.ndarray,
+    positions_BxT: jnp.ndarray,
+    cache: KVCache,
+    write_index: jnp.ndarray,
+    key_valid_BxS: jnp.ndarray,
+    *,
+    cfg: ModelConfig,
+    linear: Linear = plain_linear,
+    adapters: dict | None = None,
+) -> tuple[jnp.ndarray, KVCache]:
+  """Runs the decoder on T new tokens per row and writes their K/V at cache slots
+  [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
+  key_valid[b, s]. Returns the final-norm hidden states [B, T, D] and the updated cache.
+
+  adapters: optional pytree shaped like params["layers"] (leading L axis), handed to
+  `linear` per projection; None for the base model.
+  """
+  b, t = tokens_BxT.shape
+  s = cache.k.shape[2]
+  inv_freq = rope.inv_frequencies(cfg)
+  x = params["embed_tokens"][tokens_BxT]
+  query_slot_T = write_index + jnp.arange(t)
+  visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None] & key_valid_BxS[:, None]
+  n_h, n_kv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def layer(carry, xs):
+    x, k_cache, v_cache = carry
+    p, a, i = xs
+    ad = (lambda block, name: None) if a is None else (lambda block, name: a[block].get(name))
+    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+    attn = p["self_attn"]
+    q = linear(h, attn["q_proj"], ad("self_attn", "q_proj")).reshape(b, t, n_h, kd)
+    k = linear(h, attn["k_proj"], ad("self_attn", "k_proj")).reshape(b, t, n_kv, kd)
+    v = linear(h, attn["v_proj"], ad("self_attn", "v_proj")).reshape(b, t, n_kv, kd)
+    q = rope.apply_rope(q, positions_BxT, inv_freq)
+    k = rope.apply_rope(k, positions_BxT, inv_freq)
+    zero = jnp.zeros((), jnp.int32)
+    start = (i, zero, write_index.astype(jnp.int32), zero, zero)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+    out = _attention(q, k_cache[i], v_cache[i], visible_BxTxS)
+    x = x + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
+    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    mlp = p["mlp"]
+    gate = linear(h, mlp["gate_proj"], ad("mlp", "gate_proj"))
+    up = linear(h, mlp["up_proj"], ad("mlp", "up_proj"))
+    x = x + linear(jax.nn.silu(gate) * up, mlp["down_proj"], ad("mlp", "down_proj"))
+    return (x, k_cache, v_cache), None
+
+  layer_ids = jnp.arange(cfg.num_layers)
+  (x, k_cache, v_cache), _ = jax.lax.scan(
+      layer, (x, cache.k, cache.v), (params["layers"], adapters, layer_ids))
+  x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+  return x, KVCache(k=k_cache, v=v_cache)
+
+
+def lm_head(params: dict, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  """Hidden states → float32 logits [B, T, V]."""
+  if "lm_head" in params:
+    logits = hidden_BxTxD @ params["lm_head"]
+  else:  # tied: contract against the embedding table without materialising its transpose
+    logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, params["embed_tokens"])
+  return logits.astype(jnp.float32)
+
+
+def positions_from_mask(mask_BxT: jnp.ndarray) -> jnp.ndarray:
+  """Left-padded rows: the first real token is position 0; padding gets 0 too."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def full_logits(params: dict, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, *,
+                cfg: ModelConfig, linear: Linear = plain_linear,
+                adapters: dict | None = None) -> jnp.ndarray:
+  """Logits [B, T, V] of a (possibly left-padded) batch, no cache kept."""
+  b, t = tokens_BxT.shape
+  cache = KVCache.zeros(cfg, b, t, params["embed_tokens"].dtype)
+  hidden, _ = forward(params, tokens_BxT, positions_from_mask(mask_BxT), cache,
+                      jnp.zeros((), jnp.int32), mask_BxT.astype(bool), cfg=cfg, linear=linear,
+                      adapters=adapters)
+  return lm_head(params, hidden)

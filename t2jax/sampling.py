@@ -1,0 +1,152 @@
+"""Jitted prefill + decode loop over a preallocated KV cache.
+
+`prefill` runs the left-padded prompts once, fills the cache and picks the first token;
+`decode` is one `lax.while_loop` that feeds the last token back until every row has emitted
+EOS or reached its token limit. Prompt lengths are padded to buckets and the cache length is
+rounded, so batches of similar shape reuse the compiled programs. Params (and adapters) are
+jit arguments, never constants folded into the program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax.models import llama
+from t2jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Static (hashable) sampling settings; one compiled program per distinct value."""
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0
+  top_k: int = 0  # 0 = off
+  eos_ids: tuple[int, ...] = ()
+
+  def next_tokens(self, logits_BxV: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
+    if self.temperature <= 0.0:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV / self.temperature
+    if self.top_k > 0:  # same order as HF's warpers: temperature, top-k, top-p
+      kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if self.top_p < 1.0:
+      sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      # the smallest logit still inside the nucleus; the top token is always kept
+      keep = jnp.where(mass_before < self.top_p, sorted_desc, jnp.inf)
+      cutoff = jnp.min(keep, axis=-1, keepdims=True)
+      logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """B rows, S cache slots, N = max new tokens."""
+  step: jnp.ndarray  # [] int32: tokens generated so far (the loop counter)
+  cache: llama.KVCache  # [L, B, S, KVH, K]
+  key_valid: jnp.ndarray  # [B, S] bool: slot holds a real token
+  last_token: jnp.ndarray  # [B] int32: the token sampled last, fed in next
+  position: jnp.ndarray  # [B] int32: position of last_token in its row
+  tokens: jnp.ndarray  # [B, N] int32 generated tokens (EOS included, then -1)
+  logprobs: jnp.ndarray  # [B, N] float32 log p(token) under the unmodified model
+  done: jnp.ndarray  # [B] bool: row emitted EOS or hit its limit
+  limit: jnp.ndarray  # [B] int32: max new tokens of each row
+  min_new: jnp.ndarray  # [] int32: EOS is masked before this many tokens
+  rng: jax.Array
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+  """Prompt-length bucket: powers of two up to 512, then multiples of 512."""
+  if n <= 512:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+  return -(-n // 512) * 512
+
+
+def _pick(sampler: Sampler, state: DecodeState, logits_BxV: jnp.ndarray) -> DecodeState:
+  """Chooses the next token of every row from `logits_BxV` and records it."""
+  rng, sub = jax.random.split(state.rng)
+  eos = jnp.asarray(sampler.eos_ids or (-1,), jnp.int32)  # -1 matches no token
+  eos_mask_V = jnp.isin(jnp.arange(logits_BxV.shape[-1]), eos)
+  masked = jnp.where((state.step < state.min_new) & eos_mask_V, -jnp.inf, logits_BxV)
+  token_B = sampler.next_tokens(masked, sub)
+  logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
+                                  axis=-1)[:, 0]
+  live_B = ~state.done
+  is_eos_B = jnp.isin(token_B, eos)
+  col = state.step
+  tokens = state.tokens.at[:, col].set(jnp.where(live_B, token_B, -1))
+  logprobs = state.logprobs.at[:, col].set(jnp.where(live_B, logprob_B, 0.0))
+  done = state.done | is_eos_B | (col + 1 >= state.limit)
+  return state.replace(step=state.step + 1, last_token=token_B, tokens=tokens,
+                       logprobs=logprobs, done=done, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "cache_len", "max_new", "linear"))
+def prefill(params, tokens_BxT, mask_BxT, limit_B, min_new, rng, adapters=None, *,
+            cfg: ModelConfig, sampler: Sampler, cache_len: int, max_new: int,
+            linear: llama.Linear = llama.plain_linear) -> DecodeState:
+  b, t = tokens_BxT.shape
+  cache = llama.KVCache.zeros(cfg, b, cache_len, params["embed_tokens"].dtype)
+  key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask_BxT.astype(bool))
+  positions = llama.positions_from_mask(mask_BxT)
+  hidden, cache = llama.forward(params, tokens_BxT, positions, cache, jnp.zeros((), jnp.int32),
+                                key_valid, cfg=cfg, linear=linear, adapters=adapters)
+  logits_BxV = llama.lm_head(params, hidden[:, -1:])[:, 0]
+  state = DecodeState(
+      step=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid,
+      last_token=jnp.zeros((b,), jnp.int32), position=positions[:, -1],
+      tokens=jnp.full((b, max_new), -1, jnp.int32), logprobs=jnp.zeros((b, max_new), jnp.float32),
+      done=jnp.zeros((b,), bool), limit=limit_B.astype(jnp.int32),
+      min_new=jnp.asarray(min_new, jnp.int32), rng=rng)
+  return _pick(sampler, state, logits_BxV)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "prompt_len", "linear"),
+                   donate_argnames=("state",))
+def decode(params, state: DecodeState, adapters=None, *, cfg: ModelConfig, sampler: Sampler,
+           prompt_len: int, linear: llama.Linear = llama.plain_linear) -> DecodeState:
+  max_new = state.tokens.shape[1]
+
+  def cond(s: DecodeState):
+    return (s.step < max_new) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    slot = prompt_len + s.step - 1  # the cache slot of last_token
+    position = s.position + 1
+    key_valid = jax.lax.dynamic_update_slice(
+        s.key_valid, jnp.ones((s.key_valid.shape[0], 1), bool), (0, slot))
+    hidden, cache = llama.forward(params, s.last_token[:, None], position[:, None], s.cache, slot,
+                                  key_valid, cfg=cfg, linear=linear, adapters=adapters)
+    logits_BxV = llama.lm_head(params, hidden)[:, 0]
+    s = s.replace(cache=cache, key_valid=key_valid, position=position)
+    return _pick(sampler, s, logits_BxV)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler, max_new: int,
+        min_new: int = 0, seed: int = 0, pad_id: int = 0, adapters=None,
+        linear: llama.Linear = llama.plain_linear) -> tuple[np.ndarray, np.ndarray]:
+  """Generates for token-id prompts (validated by the caller). Returns host arrays
+  tokens [B, N] (-1 after the end) and logprobs [B, N]."""
+  b = len(prompts)
+  t = bucket_length(max(len(p) for p in prompts))
+  tokens = np.full((b, t), pad_id, np.int32)
+  mask = np.zeros((b, t), bool)
+  for i, p in enumerate(prompts):  # left padding: every row ends at slot t - 1
+    tokens[i, t - len(p):] = p
+    mask[i, t - len(p):] = True
+  new_bucket = -(-max_new // 64) * 64
+  limit = np.full((b,), max_new, np.int32)
+  state = prefill(params, tokens, mask, limit, min_new, jax.random.key(seed), adapters, cfg=cfg,
+                  sampler=sampler, cache_len=t + new_bucket, max_new=max_new, linear=linear)
+  state = decode(params, state, adapters, cfg=cfg, sampler=sampler, prompt_len=t, linear=linear)
+  return np.asarray(state.tokens), np.asarray(state.logprobs)

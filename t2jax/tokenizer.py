@@ -1,0 +1,58 @@
+"""Tokenizer and chat template through transformers, from an HF directory or a GGUF file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Sequence
+
+_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                      "t2jax", "tokenizers")
+
+
+def _gguf_cache_dir(path: str) -> str:
+  st = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  return os.path.join(_CACHE, key.hexdigest()[:16])
+
+
+def load_tokenizer(path: str):
+  """The transformers tokenizer for a resolved model path, or None if a directory has none.
+
+  Building a tokenizer from GGUF metadata takes seconds, so the result is saved once under
+  ~/.cache/t2jax/tokenizers and reloaded from there.
+  """
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  logging.getLogger("transformers").setLevel(logging.ERROR)
+  if os.path.isdir(path):
+    has_files = any(os.path.isfile(os.path.join(path, f)) for f in
+                    ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
+    return transformers.AutoTokenizer.from_pretrained(path) if has_files else None
+  cached = _gguf_cache_dir(path)
+  if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+    return transformers.AutoTokenizer.from_pretrained(cached)
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                   gguf_file=os.path.basename(path))
+  try:
+    tok.save_pretrained(cached)
+  except OSError:
+    pass  # a read-only home only costs the next load a few seconds
+  return tok
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
+  """Text prompts → token ids, each wrapped as one user turn of the chat template."""
+  if tokenizer is None:
+    raise ValueError("this model has no tokenizer (its directory has no tokenizer files): pass "
+                     "prompts as lists of token ids instead of strings.")
+  out = []
+  for prompt in prompts:
+    if chat_template and tokenizer.chat_template:
+      text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+      out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+      out.append(tokenizer(prompt)["input_ids"])
+  return out
