@@ -43,12 +43,13 @@ def plain_linear(x: jnp.ndarray, p: dict, adapter: Any = None) -> jnp.ndarray:
 
 @flax.struct.dataclass
 class KVCache:
-  k: jnp.ndarray  # [L, B, S, KVH, K]
-  v: jnp.ndarray  # [L, B, S, KVH, K]
+  # [L, B, KVH, S, K]: (batch, kv-head) lead so attention's batched dots read it in place
+  k: jnp.ndarray
+  v: jnp.ndarray
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -58,16 +59,18 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return weight * x32.astype(x.dtype)
 
 
-def _attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, visible_BxTxS):
+def _attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, visible_BxTxS):
   b, t, h, kd = q_BxTxHxK.shape
-  g = k_BxSxGxK.shape[2]
-  q = q_BxTxHxK.reshape(b, t, g, h // g, kd)
-  scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK).astype(jnp.float32)
-  scores = scores * (kd ** -0.5)
+  g = k_BxGxSxK.shape[1]
+  # GQA: query head h uses kv head h // (h/g); fold the group into the query-time axis
+  q_BxGxRTxK = q_BxTxHxK.reshape(b, t, g, h // g, kd).transpose(0, 2, 3, 1, 4).reshape(
+      b, g, (h // g) * t, kd)
+  scores = jnp.einsum("bgqk,bgsk->bgqs", q_BxGxRTxK, k_BxGxSxK).astype(jnp.float32)
+  scores = scores.reshape(b, g, h // g, t, -1) * (kd ** -0.5)
   scores = jnp.where(visible_BxTxS[:, None, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
-  out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
-  return out.reshape(b, t, h * kd)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
+  out = jnp.einsum("bgqs,bgsk->bgqk", probs.reshape(b, g, (h // g) * t, -1), v_BxGxSxK)
+  return out.reshape(b, g, h // g, t, kd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * kd)
 
 
 def forward(
@@ -90,7 +93,7 @@ def forward(
   `linear` per projection; None for the base model.
   """
   b, t = tokens_BxT.shape
-  s = cache.k.shape[2]
+  s = cache.k.shape[3]
   inv_freq = rope.inv_frequencies(cfg)
   x = params["embed_tokens"][tokens_BxT]
   query_slot_T = write_index + jnp.arange(t)
@@ -109,9 +112,11 @@ def forward(
     q = rope.apply_rope(q, positions_BxT, inv_freq)
     k = rope.apply_rope(k, positions_BxT, inv_freq)
     zero = jnp.zeros((), jnp.int32)
-    start = (i, zero, write_index.astype(jnp.int32), zero, zero)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+    start = (i, zero, zero, write_index.astype(jnp.int32), zero)
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.transpose(0, 2, 1, 3)[None].astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.transpose(0, 2, 1, 3)[None].astype(v_cache.dtype), start)
     out = _attention(q, k_cache[i], v_cache[i], visible_BxTxS)
     x = x + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
     h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
