@@ -1,9 +1,10 @@
 """t2jax: Transformer² (self-adaptive LLMs with SVF experts) in JAX."""
 
+from t2jax.expert import Expert
 from t2jax.generation import Generation, generate
 from t2jax.model import Model, load_model
 from t2jax.models.config import ConfigError, ModelConfig
 from t2jax.weights import WeightsError
 
-__all__ = ["ConfigError", "Generation", "Model", "ModelConfig", "WeightsError", "generate",
+__all__ = ["ConfigError", "Expert", "Generation", "Model", "ModelConfig", "WeightsError", "generate",
            "load_model"]

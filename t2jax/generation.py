@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from t2jax import expert as expert_lib
 from t2jax import sampling
 from t2jax.model import Model
 from t2jax.tokenizer import encode_prompts
@@ -43,8 +44,12 @@ def _token_prompts(model: Model, prompts, chat_template: bool) -> list[list[int]
 
 def generate(model: Model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             chat_template: bool = True) -> Generation:
-  """One batch: prompts of different lengths are left-padded together. temperature 0 = greedy."""
+             chat_template: bool = True, experts=None, svf_mode: str = "auto") -> Generation:
+  """One batch: prompts of different lengths are left-padded together. temperature 0 = greedy.
+
+  experts: None (base model), one t2jax.Expert for the whole batch, or a list with one
+  Expert-or-None per prompt (still one batch, one jitted call). svf_mode overrides the
+  automatic SVF compute mode (see t2jax.svf.choose_mode)."""
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}.")
   if not 0 <= min_new_tokens <= max_new_tokens:
@@ -60,11 +65,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int, min_new_tokens: int 
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} "
                        f"that exceeds the model's context of {limit} tokens. Shorten the prompt "
                        "or lower max_new_tokens.")
+  params, adapters, linear = expert_lib.bind(model, experts, len(token_prompts), svf_mode)
   sampler = sampling.Sampler(temperature=float(temperature), top_p=float(top_p),
                              top_k=int(top_k), eos_ids=model.eos_ids)
-  tokens, logprobs = sampling.run(model.params, token_prompts, cfg=model.config, sampler=sampler,
+  tokens, logprobs = sampling.run(params, token_prompts, cfg=model.config, sampler=sampler,
                                   max_new=max_new_tokens, min_new=min_new_tokens, seed=seed,
-                                  pad_id=model.pad_id)
+                                  pad_id=model.pad_id, adapters=adapters, linear=linear)
   eos = set(model.eos_ids)
   ids, lps = [], []
   for row_t, row_l in zip(tokens, logprobs):

@@ -25,6 +25,8 @@ class Model:
   tokenizer: Any  # a transformers tokenizer, or None for a directory without one
   fingerprint: str  # content hash of config + weights; experts are tied to it
   source: str
+  # derived data (SVD factors, materialised experts) memoised per model; never saved
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -52,17 +54,21 @@ class Model:
                        f"{self.config.max_length} (context or sliding window).")
     return arr.astype(np.int32)
 
-  def logits(self, token_ids, expert=None) -> jnp.ndarray:
-    """token_ids int [B, T] (no padding) → float32 logits [B, T, vocab]."""
-    if expert is not None:
-      raise NotImplementedError("experts arrive with the SVF core (t2jax.svf).")
+  def logits(self, token_ids, expert=None, *, svf_mode: str = "auto") -> jnp.ndarray:
+    """token_ids int [B, T] (no padding) → float32 logits [B, T, vocab]. `expert`: None, one
+    t2jax.Expert for every row, or a list of Expert-or-None per row."""
+    from t2jax import expert as expert_lib  # pylint: disable=import-outside-toplevel
+
     arr = self.check_tokens(token_ids)
-    return _logits(self.params, arr, np.ones(arr.shape, bool), cfg=self.config)
+    params, adapters, linear = expert_lib.bind(self, expert, arr.shape[0], svf_mode)
+    return _logits(params, arr, np.ones(arr.shape, bool), adapters, cfg=self.config,
+                   linear=linear)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _logits(params, tokens_BxT, mask_BxT, *, cfg):
-  return llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg)
+@functools.partial(jax.jit, static_argnames=("cfg", "linear"))
+def _logits(params, tokens_BxT, mask_BxT, adapters, *, cfg, linear):
+  return llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg, linear=linear,
+                           adapters=adapters)
 
 
 def load_model(source: str | None = None, *, dtype: str = "float32") -> Model:

@@ -7,14 +7,14 @@ import logging
 import os
 from typing import Sequence
 
-_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                      "t2jax", "tokenizers")
+from t2jax.cache import cache_dir
+
 
 
 def _gguf_cache_dir(path: str) -> str:
   st = os.stat(path)
   key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-  return os.path.join(_CACHE, key.hexdigest()[:16])
+  return os.path.join(cache_dir("tokenizers"), key.hexdigest()[:16])
 
 
 def load_tokenizer(path: str):

@@ -103,7 +103,7 @@ def forward(
   def layer(carry, xs):
     x, k_cache, v_cache = carry
     p, a, i = xs
-    ad = (lambda block, name: None) if a is None else (lambda block, name: a[block].get(name))
+    ad = (lambda block, name: None) if a is None else (lambda block, name: a.get(block, {}).get(name))
     h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     attn = p["self_attn"]
     q = linear(h, attn["q_proj"], ad("self_attn", "q_proj")).reshape(b, t, n_h, kd)

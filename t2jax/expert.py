@@ -1,0 +1,243 @@
+"""`Expert`: a portable SVF expert — z (one vector per targeted matrix, keyed by HF parameter
+name) plus the metadata that ties it to one model, target set, rank and parametrisation."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax import svf
+from t2jax.models import llama
+from t2jax.svf import SVFError
+
+FORMAT = "t2jax-expert/1"
+_META, _Z = "expert.json", "z.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Expert:
+  z: dict[str, np.ndarray]  # "model.layers.0.mlp.gate_proj.weight" → [r]
+  fingerprint: str  # Model.fingerprint of the model it was made for
+  targets: str  # regex over "layers/<block>/<name>" that chose the matrices
+  rank: int | None  # None = full rank (the paper's SVF)
+  parametrisation: str = "scale"  # scale | paper
+  name: str = "expert"
+  max_mult: float = 2.0  # paper parametrisation: f(z) = sigmoid(z) · max_mult
+  metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  # -- construction ---------------------------------------------------------------------------
+
+  @classmethod
+  def init(cls, model, *, targets: str | None = None, rank: int | None = None,
+           parametrisation: str = "scale", seed: int = 0, name: str = "expert",
+           max_mult: float = 2.0, init_noise: float = 0.0) -> "Expert":
+    """A fresh expert, the base model exactly unless init_noise > 0 (the official code's
+    `paper` init uses init_noise=0.01; see svf.init_z)."""
+    targets = targets or svf.DEFAULT_TARGETS
+    if rank is not None and rank < 1:
+      raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+    rng = np.random.default_rng(seed)
+    z = {}
+    for block, proj in svf.target_modules(model.params, targets):
+      kernel = model.params["layers"][block][proj]["kernel"]
+      r = svf.module_rank(kernel.shape, rank)
+      for layer in range(kernel.shape[0]):
+        z[svf.hf_module_name(block, proj, layer)] = svf.init_z((r,), parametrisation, rng, init_noise)
+    return cls(z=z, fingerprint=model.fingerprint, targets=targets, rank=rank,
+               parametrisation=parametrisation, name=name, max_mult=max_mult)
+
+  @staticmethod
+  def mix(experts: Sequence["Expert"], weights: Sequence[float],
+          name: str = "mixture") -> "Expert":
+    """z = Σ_k w_k z_k over raw z (as the official code mixes, before any sigmoid)."""
+    experts = list(experts)
+    if not experts or len(experts) != len(weights):
+      raise SVFError(f"mix needs one weight per expert; got {len(experts)} experts and "
+                     f"{len(weights)} weights.")
+    first = experts[0]
+    for e in experts[1:]:
+      first.check_same_space(e)
+    z = {k: sum(float(w) * e.z[k] for e, w in zip(experts, weights)).astype(np.float32)
+         for k in first.z}
+    return dataclasses.replace(first, z=z, name=name, metrics={
+        "mixture": {e.name: float(w) for e, w in zip(experts, weights)}})
+
+  # -- compatibility --------------------------------------------------------------------------
+
+  def check_same_space(self, other: "Expert") -> None:
+    mine = (self.fingerprint, self.targets, self.rank, self.parametrisation, self.max_mult)
+    theirs = (other.fingerprint, other.targets, other.rank, other.parametrisation,
+              other.max_mult)
+    if mine != theirs:
+      raise SVFError(f"experts {self.name!r} and {other.name!r} live in different SVF spaces "
+                     f"(fingerprint, targets, rank, parametrisation, max_mult): {mine} vs "
+                     f"{theirs}.")
+
+  def check(self, model) -> None:
+    """Raises SVFError saying exactly why this expert does not fit `model`."""
+    if self.fingerprint != model.fingerprint:
+      raise SVFError(f"expert {self.name!r} was made for model {self.fingerprint}, not for "
+                     f"{model.source} (fingerprint {model.fingerprint}).")
+    expected = Expert.init(model, targets=self.targets, rank=self.rank).z
+    missing = sorted(set(expected) - set(self.z))
+    extra = sorted(set(self.z) - set(expected))
+    if missing or extra:
+      raise SVFError(f"expert {self.name!r} does not cover targets {self.targets!r}: missing "
+                     f"{missing[:3]}, unexpected {extra[:3]}.")
+    for k, v in expected.items():
+      if self.z[k].shape != v.shape:
+        raise SVFError(f"expert {self.name!r}: z[{k!r}] has shape {self.z[k].shape}; rank "
+                       f"{self.rank} on this model needs {v.shape}.")
+
+  def z_tree(self, model) -> dict:
+    """z as {block: {name: [L, r]}} (the layout of params["layers"]), checked against model."""
+    self.check(model)
+    tree: dict = {}
+    for block, proj in svf.target_modules(model.params, self.targets):
+      layers = model.params["layers"][block][proj]["kernel"].shape[0]
+      tree.setdefault(block, {})[proj] = np.stack(
+          [self.z[svf.hf_module_name(block, proj, i)] for i in range(layers)])
+    return tree
+
+  # -- files ----------------------------------------------------------------------------------
+
+  def save(self, path: str) -> None:
+    """A directory with expert.json + z.safetensors. Written beside `path`, then swapped in,
+    so an existing expert at `path` is replaced only by a complete new one."""
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+      save_file({k: np.ascontiguousarray(v, np.float32) for k, v in self.z.items()},
+                os.path.join(tmp, _Z))
+      meta = {"format": FORMAT, "name": self.name, "fingerprint": self.fingerprint,
+              "targets": self.targets, "rank": self.rank,
+              "parametrisation": self.parametrisation, "max_mult": self.max_mult,
+              "metrics": self.metrics}
+      with open(os.path.join(tmp, _META), "w") as f:
+        json.dump(meta, f, indent=1, default=float)
+      old = None
+      if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
+        os.rename(path, os.path.join(old, "expert"))
+      os.rename(tmp, path)
+      if old:
+        shutil.rmtree(old)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, path: str) -> "Expert":
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+    meta_path, z_path = os.path.join(path, _META), os.path.join(path, _Z)
+    if not os.path.isfile(meta_path) or not os.path.isfile(z_path):
+      raise FileNotFoundError(f"{path} is not an expert directory (needs {_META} and {_Z}).")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("format") != FORMAT:
+      raise SVFError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    return cls(z=dict(load_file(z_path)), fingerprint=meta["fingerprint"],
+               targets=meta["targets"], rank=meta["rank"],
+               parametrisation=meta["parametrisation"], name=meta["name"],
+               max_mult=meta["max_mult"], metrics=meta.get("metrics", {}))
+
+  @classmethod
+  def from_official(cls, path: str, model, *, name: str | None = None,
+                    max_mult: float = 2.0) -> "Expert":
+    """Imports an expert saved by the official Transformer² code (a torch-saved dict
+    HF parameter name → z vector, `paper` parametrisation, full-rank MLP targets). Needs torch."""
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError("importing official experts needs torch (pip install torch).") from None
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    z = {k: v.detach().float().numpy().reshape(-1) for k, v in raw.items()}
+    expert = cls(z=z, fingerprint=model.fingerprint, targets=svf.DEFAULT_TARGETS, rank=None,
+                 parametrisation="paper", name=name or os.path.basename(path),
+                 max_mult=max_mult)
+    expert.check(model)
+    return expert
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding experts to a batch: which params, adapters and projection the forward pass uses.
+
+_materialise = jax.jit(svf.materialise, static_argnames=("parametrisation", "max_mult"))
+_row_adapters = jax.jit(svf.row_adapters, static_argnames=("parametrisation", "max_mult"))
+_MATERIALISED_KEPT = 2  # materialised experts memoised per model (each costs the targets' size)
+
+
+def _z_digest(expert: Expert) -> str:
+  h = hashlib.sha256()
+  for k in sorted(expert.z):
+    h.update(k.encode() + np.ascontiguousarray(expert.z[k], np.float32).tobytes())
+  return h.hexdigest()
+
+
+def _materialised(model, expert: Expert, dec: svf.Decomposition) -> dict:
+  key = ("materialised", expert.targets, expert.rank, expert.parametrisation, expert.max_mult,
+         _z_digest(expert))
+  memo = model.cache.setdefault("materialised", collections.OrderedDict())
+  if key not in memo:
+    memo[key] = _materialise(model.params, dec.factors, expert.z_tree(model),
+                             parametrisation=expert.parametrisation, max_mult=expert.max_mult)
+    while len(memo) > _MATERIALISED_KEPT:
+      memo.popitem(last=False)
+  memo.move_to_end(key)
+  return memo[key]
+
+
+def bind(model, experts, batch: int, mode: str = "auto"):
+  """experts: None, one Expert for all rows, or a list of Expert-or-None per row.
+  Returns (params, adapters, linear) for llama.forward / the sampler."""
+  if experts is None:
+    return model.params, None, llama.plain_linear
+  rows = [experts] * batch if isinstance(experts, Expert) else list(experts)
+  if len(rows) != batch:
+    raise SVFError(f"experts has {len(rows)} entries for {batch} prompts; give one Expert for "
+                   "the whole batch or one Expert-or-None per prompt.")
+  present = [e for e in rows if e is not None]
+  if any(not isinstance(e, Expert) for e in present):
+    raise TypeError("experts must be t2jax.Expert objects (or None per row).")
+  if not present:
+    return model.params, None, llama.plain_linear
+  first = present[0]
+  for e in present[1:]:
+    first.check_same_space(e)
+  first.check(model)
+  shared = len(present) == batch and all(e is first for e in present)
+  mode = svf.choose_mode(per_row=not shared, mode=mode)
+  dec = svf.decompose(model, first.targets, first.rank)
+  if mode == "materialised":
+    if not shared:
+      raise SVFError("SVF mode 'materialised' needs one expert for the whole batch; rows with "
+                     "different experts (or none) need mode 'factored' or 'auto'.")
+    return _materialised(model, first, dec), None, llama.plain_linear
+  trees = {id(e): e.z_tree(model) for e in present}
+  ones = jax.tree.map(np.ones_like, trees[id(first)])  # placeholder rows, replaced below
+  z_rows = jax.tree.map(lambda *per_row: np.stack(per_row, axis=1),
+                        *[trees[id(e)] if e is not None else ones for e in rows])
+  adapters = _row_adapters(dec.factors, z_rows, parametrisation=first.parametrisation,
+                           max_mult=first.max_mult)
+  # rows without an expert: the base weights exactly (sz = s, c = 1), whatever the parametrisation
+  keep = jnp.asarray([e is not None for e in rows])
+  for block, names in adapters.items():
+    for name, a in names.items():
+      a["sz"] = jnp.where(keep[None, :, None], a["sz"], a["s"][:, None, :])
+      a["c"] = jnp.where(keep[None, :], a["c"], 1.0)
+  return model.params, adapters, svf.factored_linear

@@ -1,0 +1,265 @@
+"""Singular Value Fine-tuning: W = U diag(s) Vᵀ, and an expert z rescales s.
+
+For a targeted projection with kernel K = Wᵀ ([in n, out m]) we keep, per layer,
+  v [n, r] (= V_r), s [r], ut [r, m] (= U_rᵀ), s_total [] (sum of ALL singular values),
+so K = v diag(s) ut when r = min(n, m). An expert gives, per matrix, scaled singular values
+sz = c·s·f(z) and a scalar c (c = 1 except for the `paper` parametrisation, whose
+nuclear-norm rescaling is c = Σs / Σ(s·f(z))). The adapted kernel is
+  K' = c·K + v diag(sz − c·s) ut                         (exact: z at identity gives K' = K)
+and for r = min(n, m) also K' = v diag(sz) ut, which needs no K at all.
+
+Compute modes (chosen in `choose_mode`, the one place that decides):
+  materialised: K' built once per z (n·r·m flops), then the plain dense product. For a z
+    shared by many tokens: training steps, single-expert generation.
+  factored: y = ((x v) ⊙ sz_row) ut per row; a different z per row of the batch, no K' kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax.cache import cache_dir
+from t2jax.models import llama
+
+DEFAULT_TARGETS = r"mlp/(gate|up|down)_proj"  # what the official code trains
+PARAMETRISATIONS = ("scale", "paper")
+MODES = ("auto", "materialised", "factored")
+
+
+class SVFError(ValueError):
+  """An expert or decomposition that does not fit the model it is used with."""
+
+
+def target_modules(params: dict, targets: str) -> list[tuple[str, str]]:
+  """(block, name) of every projection whose path 'layers/<block>/<name>' matches `targets`."""
+  try:
+    pattern = re.compile(targets)
+  except re.error as e:
+    raise SVFError(f"targets {targets!r} is not a valid regex: {e}") from None
+  found = [(block, name) for block in sorted(params["layers"])
+           if isinstance(params["layers"][block], dict)
+           for name in sorted(params["layers"][block])
+           if pattern.search(f"layers/{block}/{name}")]
+  if not found:
+    names = [f"layers/{b}/{n}" for b in sorted(params["layers"])
+             if isinstance(params["layers"][b], dict) for n in sorted(params["layers"][b])]
+    raise SVFError(f"targets {targets!r} match no projection; paths are {names}.")
+  return found
+
+
+def module_rank(kernel_shape: tuple[int, ...], rank: int | None) -> int:
+  """Rank kept for a kernel [L, n, m] (or [n, m]): min(n, m), or `rank` if smaller."""
+  full = min(kernel_shape[-2:])
+  return full if rank is None else min(int(rank), full)
+
+
+def hf_module_name(block: str, name: str, layer: int) -> str:
+  return f"model.layers.{layer}.{block}.{name}.weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decomposition (offline, cached on disk).
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decomposition:
+  """factors[block][name] = {"v": [L, n, r], "s": [L, r], "ut": [L, r, m], "s_total": [L]}."""
+  factors: dict
+  fingerprint: str
+  targets: str
+  rank: int | None
+
+  def modules(self) -> Iterator[tuple[str, str, dict]]:
+    for block in sorted(self.factors):
+      for name in sorted(self.factors[block]):
+        yield block, name, self.factors[block][name]
+
+
+def _cache_dir(fingerprint: str, targets: str, rank: int | None) -> str:
+  key = hashlib.sha256(f"{fingerprint}|{targets}|{rank}".encode()).hexdigest()[:16]
+  return os.path.join(cache_dir("svd"), f"{fingerprint}-{key}")
+
+
+def _svd_one(kernel_nxm: np.ndarray, r: int) -> dict[str, np.ndarray]:
+  # float64 LAPACK: the factored product then reproduces the f32 kernel to round-off.
+  u, s, vt = np.linalg.svd(np.asarray(kernel_nxm, np.float64).T, full_matrices=False)
+  return {"v": vt[:r].T, "s": s[:r], "ut": u[:, :r].T, "s_total": np.sum(s)}
+
+
+def decompose(model, targets: str | None = None, rank: int | None = None, *,
+              cache: bool = True, progress: bool = True) -> Decomposition:
+  """SVD (float32 results) of every targeted kernel of every layer; loaded from
+  ~/.cache/t2jax/svd when this (fingerprint, targets, rank) was decomposed before."""
+  targets = targets or DEFAULT_TARGETS
+  if rank is not None and rank < 1:
+    raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+  memo = model.cache
+  key = ("decomposition", targets, rank)
+  if key in memo:
+    return memo[key]
+  modules = target_modules(model.params, targets)
+  path = _cache_dir(model.fingerprint, targets, rank)
+  if cache and os.path.isfile(os.path.join(path, "meta.json")):
+    factors = _load_factors(path, modules)
+  else:
+    factors = _compute_factors(model.params, modules, rank, progress)
+    if cache:
+      _save_factors(path, factors, dict(fingerprint=model.fingerprint, targets=targets,
+                                        rank=rank))
+  dec = Decomposition(factors=jax.tree.map(jnp.asarray, factors), fingerprint=model.fingerprint,
+                      targets=targets, rank=rank)
+  memo[key] = dec
+  return dec
+
+
+def _compute_factors(params: dict, modules, rank, progress: bool) -> dict:
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  layers = params["layers"]
+  n_layers = next(iter(jax.tree.leaves(layers))).shape[0]
+  factors: dict = {}
+  bar = tqdm(total=len(modules) * n_layers, desc="SVD", unit="matrix", disable=not progress)
+  for block, name in modules:
+    kernel = np.asarray(layers[block][name]["kernel"], np.float32)
+    r = module_rank(kernel.shape, rank)
+    per_layer = []
+    for layer in range(n_layers):
+      per_layer.append(_svd_one(kernel[layer], r))
+      bar.update()
+    factors.setdefault(block, {})[name] = {
+        k: np.stack([f[k] for f in per_layer]).astype(np.float32) for k in per_layer[0]}
+  bar.close()
+  return factors
+
+
+def _save_factors(path: str, factors: dict, meta: dict) -> None:
+  """Atomic: written into a temp dir beside the target, then renamed into place."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
+  try:
+    for block, names in factors.items():
+      for name, parts in names.items():
+        for part, arr in parts.items():
+          np.save(os.path.join(tmp, f"{block}.{name}.{part}.npy"), arr)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs the next run time
+
+
+def _load_factors(path: str, modules) -> dict:
+  factors: dict = {}
+  for block, name in modules:
+    factors.setdefault(block, {})[name] = {
+        part: np.load(os.path.join(path, f"{block}.{name}.{part}.npy"), mmap_mode="r")
+        for part in ("v", "s", "ut", "s_total")}
+  return factors
+
+
+# ---------------------------------------------------------------------------------------------
+# Parametrisations: z → (sz, c).
+
+
+def scaled_singular_values(z: jnp.ndarray, s: jnp.ndarray, s_total: jnp.ndarray,
+                           parametrisation: str, max_mult: float):
+  """z, s: [..., r]; s_total: [...]. Returns sz = c·s·f(z) [..., r] and c [...]."""
+  if parametrisation == "scale":
+    return s * z, jnp.ones(z.shape[:-1], s.dtype)
+  if parametrisation == "paper":
+    f = jax.nn.sigmoid(z) * max_mult
+    # keep the nuclear norm: Σ over all singular values, the untouched tail included
+    adapted_total = s_total - jnp.sum(s, -1) + jnp.sum(s * f, -1)
+    c = s_total / adapted_total
+    return c[..., None] * s * f, c
+  raise SVFError(f"parametrisation {parametrisation!r} is unknown; use one of "
+                 f"{PARAMETRISATIONS}.")
+
+
+def init_z(shape: tuple[int, ...], parametrisation: str, rng: np.random.Generator,
+           init_noise: float = 0.0) -> np.ndarray:
+  """`scale`: ones (f(z) = z, exactly the base model). `paper`: 0.1 + init_noise·N(0, 1).
+  The official code draws init_noise = 0.01, which moves every singular value by ~0.5 % and
+  the default model's logits by ~2; z needs no symmetry breaking (each direction gets its own
+  gradient), so the default is 0: with the nuclear-norm rescale, W' = W at init."""
+  if parametrisation == "scale":
+    return (1.0 + init_noise * rng.standard_normal(shape)).astype(np.float32)
+  if parametrisation == "paper":
+    return (0.1 + init_noise * rng.standard_normal(shape)).astype(np.float32)
+  raise SVFError(f"parametrisation {parametrisation!r} is unknown; use one of "
+                 f"{PARAMETRISATIONS}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute modes.
+
+
+def choose_mode(per_row: bool, mode: str = "auto") -> str:
+  """The one place that picks how SVF is computed. One z for the whole batch: build K' once
+  (materialised; thousands of tokens amortise n·r·m). A z per row: factored."""
+  if mode not in MODES:
+    raise SVFError(f"SVF mode {mode!r} is unknown; use one of {MODES}.")
+  if mode != "auto":
+    return mode
+  return "factored" if per_row else "materialised"
+
+
+def materialise(params: dict, dec_factors: dict, z_tree: dict, *, parametrisation: str,
+                max_mult: float) -> dict:
+  """Params with every targeted kernel replaced by K' for one z (z_tree[block][name]: [L, r]).
+  Pure and differentiable in z; params and factors are never differentiated."""
+  layers = dict(params["layers"])
+  for block, names in dec_factors.items():
+    layers[block] = dict(layers[block])
+    for name, f in names.items():
+      f = jax.tree.map(jax.lax.stop_gradient, f)
+      p = layers[block][name]
+      kernel = jax.lax.stop_gradient(p["kernel"])
+      sz, c = scaled_singular_values(z_tree[block][name], f["s"], f["s_total"], parametrisation,
+                                     max_mult)
+      delta_LxR = sz - c[:, None] * f["s"]
+      update = jnp.einsum("lnr,lr,lrm->lnm", f["v"], delta_LxR, f["ut"])
+      new_kernel = c[:, None, None] * kernel + update.astype(kernel.dtype)
+      layers[block][name] = {**p, "kernel": new_kernel.astype(kernel.dtype)}
+  return {**params, "layers": layers}
+
+
+def row_adapters(dec_factors: dict, z_rows: dict, *, parametrisation: str,
+                 max_mult: float) -> dict:
+  """Adapters for `factored_linear`: z_rows[block][name] is [L, B, r] (a z per row)."""
+  out: dict = {}
+  for block, names in dec_factors.items():
+    for name, f in names.items():
+      sz, c = scaled_singular_values(z_rows[block][name], f["s"][:, None], f["s_total"][:, None],
+                                     parametrisation, max_mult)
+      out.setdefault(block, {})[name] = {"v": f["v"], "ut": f["ut"], "s": f["s"], "sz": sz, "c": c}
+  return out
+
+
+def factored_linear(x: jnp.ndarray, p: dict, a: Any) -> jnp.ndarray:
+  """x [B, T, n] with a per-row adapter a = {v [n, r], ut [r, m], s [r], sz [B, r], c [B]}."""
+  if a is None:
+    return llama.plain_linear(x, p)
+  v, ut, sz = a["v"].astype(x.dtype), a["ut"].astype(x.dtype), a["sz"].astype(x.dtype)
+  low_BxTxR = x @ v
+  full_rank = v.shape[-1] == min(v.shape[0], ut.shape[-1])
+  if full_rank:  # K' = v diag(sz) ut exactly: the dense kernel is never read
+    y = (low_BxTxR * sz[:, None, :]) @ ut
+  else:
+    c = a["c"].astype(x.dtype)[:, None, None]
+    delta = (sz - a["c"][:, None] * a["s"]).astype(x.dtype)
+    y = c * (x @ p["kernel"]) + (low_BxTxR * delta[:, None, :]) @ ut
+  return y + p["bias"] if "bias" in p else y

@@ -1,0 +1,291 @@
+"""SVF algebra, compute modes and expert artefacts, pinned against numpy and HF torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import t2jax
+from t2jax import expert as expert_lib
+from t2jax import svf
+from t2jax.models import llama
+from t2jax.svf import SVFError
+
+ALL_PROJ = r"(self_attn|mlp)/\w+_proj"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
+def _ids(model, b=3, t=11, seed=0):
+  return np.random.default_rng(seed).integers(0, model.config.vocab_size, (b, t))
+
+
+def _perturbed(expert, scale=0.3, seed=1):
+  rng = np.random.default_rng(seed)
+  if expert.parametrisation == "scale":
+    z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
+         for k, v in expert.z.items()}
+  else:
+    z = {k: (v + 3 * scale * rng.standard_normal(v.shape)).astype(np.float32)
+         for k, v in expert.z.items()}
+  return dataclasses.replace(expert, z=z, name="perturbed")
+
+
+def _numpy_adapted(weight_mxn: np.ndarray, z: np.ndarray, parametrisation: str,
+                   max_mult: float, rank: int | None) -> np.ndarray:
+  """Independent reference: W' from numpy's SVD of the HF weight."""
+  u, s, vt = np.linalg.svd(weight_mxn.astype(np.float64), full_matrices=False)
+  r = len(z)
+  f = z.astype(np.float64) if parametrisation == "scale" else (
+      max_mult / (1 + np.exp(-z.astype(np.float64))))
+  s_new = s.copy()
+  s_new[:r] = s[:r] * f
+  w = (u * s_new) @ vt
+  if parametrisation == "paper":
+    w = w * (s.sum() / s_new.sum())
+  return w
+
+
+def _hf_with_expert(torch_model, expert):
+  """A copy of the HF torch model whose targeted weights are numpy recompositions."""
+  import copy  # pylint: disable=import-outside-toplevel
+
+  m = copy.deepcopy(torch_model)
+  state = m.state_dict()
+  with torch.no_grad():
+    for name, z in expert.z.items():
+      w = state[name].numpy()
+      state[name].copy_(torch.from_numpy(_numpy_adapted(w, z, expert.parametrisation,
+                                                        expert.max_mult, expert.rank)))
+  return m
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_bias"])
+@pytest.mark.parametrize("mode", ["materialised", "factored"])
+def test_scale_identity_is_base(loaded, name, mode):
+  model, _ = loaded(name)
+  ids = _ids(model)
+  base = np.asarray(model.logits(ids))
+  for targets in (svf.DEFAULT_TARGETS, ALL_PROJ):
+    e = t2jax.Expert.init(model, targets=targets)
+    out = np.asarray(model.logits(ids, e, svf_mode=mode))
+    assert np.abs(out - base).max() <= 1e-4, (targets, np.abs(out - base).max())
+
+
+@pytest.mark.parametrize("mode", ["materialised", "factored"])
+def test_paper_init_is_base(loaded, mode):
+  model, _ = loaded("llama")
+  ids = _ids(model)
+  base = np.asarray(model.logits(ids))
+  e = t2jax.Expert.init(model, parametrisation="paper")
+  assert np.abs(np.asarray(model.logits(ids, e, svf_mode=mode)) - base).max() <= 1e-3
+  # the official init (noise 0.01) moves the model: the knob reproduces it
+  noisy = t2jax.Expert.init(model, parametrisation="paper", init_noise=0.01)
+  assert np.abs(np.asarray(model.logits(ids, noisy, svf_mode=mode)) - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+@pytest.mark.parametrize("rank", [None, 5])
+def test_materialised_kernel_equals_numpy(loaded, parametrisation, rank):
+  model, torch_model = loaded("llama")
+  e = _perturbed(t2jax.Expert.init(model, targets=ALL_PROJ, rank=rank,
+                                   parametrisation=parametrisation))
+  dec = svf.decompose(model, e.targets, e.rank)
+  params = svf.materialise(model.params, dec.factors, e.z_tree(model),
+                           parametrisation=parametrisation, max_mult=e.max_mult)
+  state = torch_model.state_dict()
+  for block, proj in svf.target_modules(model.params, e.targets):
+    for layer in range(model.config.num_layers):
+      hf = svf.hf_module_name(block, proj, layer)
+      want = _numpy_adapted(state[hf].numpy(), e.z[hf], parametrisation, e.max_mult, rank)
+      got = np.asarray(params["layers"][block][proj]["kernel"][layer]).T
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+def test_expert_logits_match_hf_with_recomposed_weights(loaded, name, parametrisation):
+  model, torch_model = loaded(name)
+  e = _perturbed(t2jax.Expert.init(model, targets=ALL_PROJ, parametrisation=parametrisation))
+  ids = _ids(model)
+  with torch.no_grad():
+    want = _hf_with_expert(torch_model, e)(torch.from_numpy(ids)).logits.numpy()
+  for mode in ("materialised", "factored"):
+    got = np.asarray(model.logits(ids, e, svf_mode=mode))
+    assert np.abs(got - want).max() <= 1e-4, (mode, np.abs(got - want).max())
+  assert np.abs(want - np.asarray(model.logits(ids))).max() > 1e-2  # the expert does something
+
+
+def test_low_rank_modes_agree(loaded):
+  model, _ = loaded("llama_3_layers")
+  ids = _ids(model)
+  base = np.asarray(model.logits(ids))
+  e = t2jax.Expert.init(model, rank=4)
+  assert all(v.shape == (4,) for v in e.z.values())
+  for mode in ("materialised", "factored"):
+    assert np.abs(np.asarray(model.logits(ids, e, svf_mode=mode)) - base).max() <= 1e-4
+  p = _perturbed(e)
+  a = np.asarray(model.logits(ids, p, svf_mode="materialised"))
+  b = np.asarray(model.logits(ids, p, svf_mode="factored"))
+  assert np.abs(a - b).max() <= 1e-4 and np.abs(a - base).max() > 1e-3
+
+
+def test_expert_per_row_equals_rows_alone(loaded):
+  model, _ = loaded("llama")
+  e1 = _perturbed(t2jax.Expert.init(model), seed=1)
+  e2 = _perturbed(t2jax.Expert.init(model), seed=2)
+  rows = [e1, None, e2, e1]
+  ids = _ids(model, b=4)
+  batch = np.asarray(model.logits(ids, rows))
+  for i, e in enumerate(rows):
+    alone = np.asarray(model.logits(ids[i:i + 1], e))  # materialised when e is given
+    assert np.abs(batch[i] - alone[0]).max() <= 1e-4, i
+
+
+def test_generate_expert_per_row_equals_rows_alone(loaded):
+  model, _ = loaded("llama")
+  e1 = _perturbed(t2jax.Expert.init(model), seed=3)
+  e2 = _perturbed(t2jax.Expert.init(model), seed=4)
+  rng = np.random.default_rng(5)
+  prompts = [list(rng.integers(2, 300, n)) for n in (5, 9, 3)]
+  rows = [e1, None, e2]
+  batch = t2jax.generate(model, prompts, max_new_tokens=12, experts=rows)
+  for i, e in enumerate(rows):
+    alone = t2jax.generate(model, prompts[i:i + 1], max_new_tokens=12, experts=e)
+    assert batch.token_ids[i] == alone.token_ids[0], i
+  shared = t2jax.generate(model, prompts, max_new_tokens=12, experts=e1)
+  assert shared.token_ids[0] == batch.token_ids[0]
+  assert shared.token_ids != t2jax.generate(model, prompts, max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+def test_gradient_wrt_z_matches_finite_differences(loaded, parametrisation):
+  model, _ = loaded("llama")
+  e = _perturbed(t2jax.Expert.init(model, parametrisation=parametrisation), scale=0.1)
+  dec = svf.decompose(model, e.targets, e.rank)
+  ids = jnp.asarray(_ids(model, b=2, t=6))
+  weights = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (2, 6, model.config.vocab_size)), jnp.float32)
+
+  def loss(z_tree, params):
+    p = svf.materialise(params, dec.factors, z_tree, parametrisation=parametrisation,
+                        max_mult=e.max_mult)
+    logits = llama.full_logits(p, ids, jnp.ones(ids.shape, bool), cfg=model.config)
+    return jnp.sum(logits * weights) / 100.0
+
+  z = jax.tree.map(jnp.asarray, e.z_tree(model))
+  grad_z, grad_params = jax.jit(jax.grad(loss, argnums=(0, 1)))(z, model.params)
+  # targeted kernels sit behind stop_gradient: W, U, V are never differentiated
+  assert float(jnp.abs(grad_params["layers"]["mlp"]["up_proj"]["kernel"]).max()) == 0.0
+  loss_jit = jax.jit(loss)
+  rng = np.random.default_rng(0)
+  for block, proj in (("mlp", "gate_proj"), ("mlp", "down_proj")):
+    for _ in range(2):
+      layer, i = int(rng.integers(model.config.num_layers)), int(rng.integers(8))
+      eps = 1e-2
+      bump = lambda d: z | {block: {**z[block], proj: z[block][proj].at[layer, i].add(d)}}
+      fd = (float(loss_jit(bump(eps), model.params)) -
+            float(loss_jit(bump(-eps), model.params))) / (2 * eps)
+      g = float(grad_z[block][proj][layer, i])
+      assert abs(fd - g) <= 2e-2 * max(1.0, abs(g)), (block, proj, layer, i, fd, g)
+
+
+def test_decomposition_cache_is_hit(checkpoint, monkeypatch):
+  path, _ = checkpoint("llama")
+  first = svf.decompose(t2jax.load_model(path), progress=False)
+  calls = []
+  monkeypatch.setattr(svf, "_compute_factors", lambda *a, **k: calls.append(1))
+  again = svf.decompose(t2jax.load_model(path), progress=False)  # a new Model: no memo
+  assert not calls
+  for (_, _, a), (_, _, b) in zip(first.modules(), again.modules()):
+    for part in a:
+      np.testing.assert_array_equal(np.asarray(a[part]), np.asarray(b[part]))
+
+
+def test_save_load_roundtrip(loaded, tmp_path):
+  model, _ = loaded("llama")
+  e = _perturbed(t2jax.Expert.init(model, parametrisation="paper", rank=6))
+  e = dataclasses.replace(e, name="math", metrics={"val_acc": 0.5})
+  out = tmp_path / "experts"
+  e.save(str(out / "x"))
+  back = t2jax.Expert.load(str(out / "x"))
+  assert (back.fingerprint, back.targets, back.rank, back.parametrisation, back.name,
+          back.max_mult, back.metrics) == (e.fingerprint, e.targets, e.rank, e.parametrisation,
+                                           e.name, e.max_mult, e.metrics)
+  assert set(back.z) == set(e.z)
+  for k in e.z:
+    np.testing.assert_array_equal(back.z[k], e.z[k])
+  ids = _ids(model)
+  np.testing.assert_array_equal(np.asarray(model.logits(ids, back)),
+                                np.asarray(model.logits(ids, e)))
+  # saving over an existing expert replaces it whole
+  e2 = dataclasses.replace(e, name="math2")
+  e2.save(str(out / "x"))
+  assert t2jax.Expert.load(str(out / "x")).name == "math2"
+  assert sorted(os.listdir(out)) == ["x"]  # no temp dirs left behind
+
+
+def test_mix_is_linear_in_z(loaded):
+  model, _ = loaded("llama")
+  a = _perturbed(t2jax.Expert.init(model), seed=1)
+  b = _perturbed(t2jax.Expert.init(model), seed=2)
+  m = t2jax.Expert.mix([a, b], [0.25, 0.75])
+  for k in a.z:
+    np.testing.assert_allclose(m.z[k], 0.25 * a.z[k] + 0.75 * b.z[k], rtol=1e-6)
+  with pytest.raises(SVFError, match="one weight per expert"):
+    t2jax.Expert.mix([a, b], [1.0])
+
+
+def test_mismatched_expert_is_refused(loaded, tmp_path):
+  model, _ = loaded("llama")
+  other, _ = loaded("qwen2")
+  ids = _ids(model)
+  foreign = t2jax.Expert.init(other)
+  with pytest.raises(SVFError, match="was made for model"):
+    model.logits(ids, foreign)
+  e = t2jax.Expert.init(model)
+  bad_shape = dataclasses.replace(e, z={**e.z, next(iter(e.z)): np.ones(3, np.float32)})
+  with pytest.raises(SVFError, match="has shape"):
+    t2jax.generate(model, [[1, 2, 3]], max_new_tokens=2, experts=bad_shape)
+  missing = dataclasses.replace(e, z=dict(list(e.z.items())[1:]))
+  with pytest.raises(SVFError, match="does not cover"):
+    model.logits(ids, missing)
+  wrong_rank = dataclasses.replace(e, rank=4)
+  with pytest.raises(SVFError, match="has shape"):
+    model.logits(ids, wrong_rank)
+  with pytest.raises(SVFError, match="different SVF spaces"):
+    model.logits(ids[:2], [e, t2jax.Expert.init(model, rank=4)])
+  with pytest.raises(SVFError, match="entries for"):
+    model.logits(ids, [e])
+  with pytest.raises(SVFError, match="match no projection"):
+    t2jax.Expert.init(model, targets="nothing_here")
+  with pytest.raises(FileNotFoundError, match="not an expert directory"):
+    t2jax.Expert.load(str(tmp_path))
+  with pytest.raises(SVFError, match="needs one expert for the whole batch"):
+    model.logits(ids[:2], [e, None], svf_mode="materialised")
+
+
+def test_materialised_expert_is_memoised(loaded):
+  model, _ = loaded("llama_mha_tied")
+  e = _perturbed(t2jax.Expert.init(model))
+  first = expert_lib.bind(model, e, 2)[0]
+  again = expert_lib.bind(model, dataclasses.replace(e), 2)[0]  # same z, new object
+  assert first is again
+
+
+def test_default_model_modes(default_model):
+  ids = _ids(default_model, b=2, t=16)
+  base = np.asarray(default_model.logits(ids))
+  e = t2jax.Expert.init(default_model)
+  assert len(e.z) == 90 and all(v.shape == (576,) for v in e.z.values())
+  for mode in ("materialised", "factored"):
+    assert np.abs(np.asarray(default_model.logits(ids, e, svf_mode=mode)) - base).max() <= 1e-3
