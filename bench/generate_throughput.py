@@ -1,9 +1,13 @@
-"""Decode throughput of t2jax.generate vs HF transformers `generate`, same prompts, one run.
+"""Decode throughput on the default model: t2jax (base / one shared expert / an expert per row)
+next to HF transformers `generate` on the same prompts, in one run.
 
-    python bench/generate_throughput.py --batch 8 --new-tokens 128 [--reps 2] [--skip-hf]
+    python bench/generate_throughput.py                       # batch 8 and 32, all variants
+    python bench/generate_throughput.py --batch 8 --variants base,hf --new-tokens 128
 
-Prints one JSON object. Sampling (temperature 0.7) with min_new_tokens = max_new_tokens so
-both generate exactly batch × new_tokens tokens. Needs the test extra (torch) for the HF side.
+Every (variant, batch) runs in its own subprocess, one after another, so peak RSS is per
+variant and the runs do not share the 2 cores. Sampling at temperature 0.7 with
+min_new_tokens = max_new_tokens: every variant generates exactly batch × new_tokens tokens.
+Prints one JSON object. The HF variant needs the test extra (torch, accelerate).
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
+
+VARIANTS = ("hf", "base", "shared", "per_row")
 
 
 def _prompts(n: int) -> list[str]:
@@ -21,15 +30,39 @@ def _prompts(n: int) -> list[str]:
   return [f"Write a short story about {topics[i % len(topics)]} (version {i})." for i in range(n)]
 
 
-def bench_t2jax(prompts, new_tokens: int, reps: int, dtype: str) -> dict:
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_t2jax(variant: str, batch: int, new_tokens: int, reps: int) -> dict:
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
   import t2jax  # pylint: disable=import-outside-toplevel
 
+  model = t2jax.load_model()
+  experts = None
+  if variant != "base":
+    rng = np.random.default_rng(0)
+
+    def expert(name):  # a trained-looking expert: z away from the identity
+      e = t2jax.Expert.init(model, name=name)
+      return dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(v.shape)))
+                                       .astype(np.float32) for k, v in e.z.items()})
+
+    t0 = time.perf_counter()
+    if variant == "shared":
+      experts = expert("a")
+    else:  # three experts and base rows, interleaved
+      pool = [expert("a"), expert("b"), expert("c"), None]
+      experts = [pool[i % len(pool)] for i in range(batch)]
+    prep_s = time.perf_counter() - t0
+  prompts = _prompts(batch)
+  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7,
+            experts=experts)
   t0 = time.perf_counter()
-  model = t2jax.load_model(dtype=dtype)
-  load_s = time.perf_counter() - t0
-  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7)
-  t0 = time.perf_counter()
-  t2jax.generate(model, prompts, seed=0, **kw)  # compiles prefill + decode
+  t2jax.generate(model, prompts, seed=0, **kw)  # compiles (and materialises a shared expert)
   first_s = time.perf_counter() - t0
   times = []
   for rep in range(reps):
@@ -37,12 +70,14 @@ def bench_t2jax(prompts, new_tokens: int, reps: int, dtype: str) -> dict:
     out = t2jax.generate(model, prompts, seed=rep + 1, **kw)
     times.append(time.perf_counter() - t0)
   n = sum(len(t) for t in out.token_ids)
-  return {"load_s": round(load_s, 2), "first_call_s": round(first_s, 2),
-          "tokens": n, "seconds": [round(t, 3) for t in times],
-          "tokens_per_s": round(n / min(times), 1)}
+  result = {"tokens": n, "first_call_s": round(first_s, 2),
+            "seconds": [round(t, 3) for t in times], "tokens_per_s": round(n / min(times), 1)}
+  if variant != "base":
+    result["expert_setup_s"] = round(prep_s, 2)
+  return result
 
 
-def bench_hf(prompts, new_tokens: int, reps: int) -> dict:
+def run_hf(batch: int, new_tokens: int, reps: int) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
@@ -52,10 +87,10 @@ def bench_hf(prompts, new_tokens: int, reps: int) -> dict:
   kw = dict(gguf_file=os.path.basename(path))
   tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kw)
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                            dtype=torch.float32, **kw)
+                                                            dtype=torch.float32, **kw).eval()
   tok.padding_side = "left"
   texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                   add_generation_prompt=True) for p in prompts]
+                                   add_generation_prompt=True) for p in _prompts(batch)]
   enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
   times = []
   with torch.no_grad():
@@ -71,22 +106,52 @@ def bench_hf(prompts, new_tokens: int, reps: int) -> dict:
           "tokens_per_s": round(n / min(times[1:]), 1), "torch_threads": torch.get_num_threads()}
 
 
+def child(variant: str, batch: int, new_tokens: int, reps: int) -> None:
+  if variant == "hf":
+    result = run_hf(batch, new_tokens, reps)
+  else:
+    result = run_t2jax(variant, batch, new_tokens, reps)
+  result["peak_rss_mb"] = round(_peak_rss_mb())
+  print(json.dumps(result))
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--batch", default="8,32", help="comma-separated batch sizes")
+  p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--reps", type=int, default=2)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--skip-hf", action="store_true")
+  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
-  prompts = _prompts(args.batch)
-  result = {"batch": args.batch, "new_tokens": args.new_tokens, "dtype": args.dtype,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
-  result["t2jax"] = bench_t2jax(prompts, args.new_tokens, args.reps, args.dtype)
-  if not args.skip_hf:
-    result["hf"] = bench_hf(prompts, args.new_tokens, args.reps)
-    result["speedup"] = round(result["t2jax"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
-  print(json.dumps(result))
+  if args.child:
+    child(args.child, int(args.batch), args.new_tokens, args.reps)
+    return
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    sys.exit(f"unknown variants {unknown}; choose from {VARIANTS}")
+  result = {"new_tokens": args.new_tokens, "temperature": 0.7, "dtype": "float32",
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": {}}
+  for batch in [int(b) for b in args.batch.split(",")]:
+    row = {}
+    for variant in variants:
+      cmd = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
+             "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if proc.returncode:
+        row[variant] = {"error": proc.stderr.strip().splitlines()[-1:]}
+        continue
+      row[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = row.get("base", {}).get("tokens_per_s")
+    ratios = {}
+    for variant, r in row.items():
+      if base and "tokens_per_s" in r and variant != "base":
+        ratios[f"{variant}_over_base"] = round(r["tokens_per_s"] / base, 2)
+    if base and "tokens_per_s" in row.get("hf", {}):
+      ratios["base_over_hf"] = round(base / row["hf"]["tokens_per_s"], 2)
+    row["ratios"] = ratios
+    result["runs"][f"batch_{batch}"] = row
+  print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
