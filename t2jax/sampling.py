@@ -33,7 +33,7 @@ class Sampler:
     if self.temperature <= 0.0:
       return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits = logits_BxV / self.temperature
-    if self.top_k > 0:  # same order as HF's warpers: temperature, top-k, top-p
+    if 0 < self.top_k < logits.shape[-1]:  # HF's warper order: temperature, top-k, top-p
       kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
       logits = jnp.where(logits < kth, -jnp.inf, logits)
     if self.top_p < 1.0:

@@ -17,8 +17,15 @@ def _gguf_cache_dir(path: str) -> str:
   return os.path.join(cache_dir("tokenizers"), key.hexdigest()[:16])
 
 
+def _gguf_has_tokenizer(path: str) -> bool:
+  import gguf  # pylint: disable=import-outside-toplevel
+
+  return "tokenizer.ggml.tokens" in gguf.GGUFReader(path).fields
+
+
 def load_tokenizer(path: str):
-  """The transformers tokenizer for a resolved model path, or None if a directory has none.
+  """The transformers tokenizer for a resolved model path, or None if the directory or GGUF
+  file carries none.
 
   Building a tokenizer from GGUF metadata takes seconds, so the result is saved once under
   ~/.cache/t2jax/tokenizers and reloaded from there.
@@ -33,6 +40,8 @@ def load_tokenizer(path: str):
   cached = _gguf_cache_dir(path)
   if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
     return transformers.AutoTokenizer.from_pretrained(cached)
+  if not _gguf_has_tokenizer(path):
+    return None
   tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   try:
@@ -47,9 +56,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> li
   if tokenizer is None:
     raise ValueError("this model has no tokenizer (its directory has no tokenizer files): pass "
                      "prompts as lists of token ids instead of strings.")
+  if chat_template and not tokenizer.chat_template:
+    raise ValueError("this model's tokenizer has no chat template: pass chat_template=False "
+                     "(CLI: --no-chat-template) to feed prompts as raw text.")
   out = []
   for prompt in prompts:
-    if chat_template and tokenizer.chat_template:
+    if chat_template:
       text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True)
       out.append(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -105,6 +105,8 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
     if name not in expected:
       if name.endswith("rotary_emb.inv_freq"):
         continue  # old HF checkpoints saved this buffer; it is recomputed
+      if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        continue  # state_dict savers write the tied copy too; tied means embed_tokens is used
       raise WeightsError(f"{source}: tensor {name!r} is not part of a {cfg.model_type} model "
                          "with this config (check config.json matches the weights).")
     if tuple(arr.shape) != expected[name]:
