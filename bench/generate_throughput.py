@@ -145,7 +145,7 @@ def main() -> None:
     base = row.get("base", {}).get("tokens_per_s")
     ratios = {}
     for variant, r in row.items():
-      if base and "tokens_per_s" in r and variant != "base":
+      if base and "tokens_per_s" in r and variant in ("shared", "per_row"):
         ratios[f"{variant}_over_base"] = round(r["tokens_per_s"] / base, 2)
     if base and "tokens_per_s" in row.get("hf", {}):
       ratios["base_over_hf"] = round(base / row["hf"]["tokens_per_s"], 2)

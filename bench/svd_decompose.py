@@ -28,7 +28,7 @@ def main() -> None:
     t0 = time.perf_counter()
     dec = svf.decompose(model, args.targets, args.rank, progress=False)
     cold = time.perf_counter() - t0
-    n = sum(1 for _ in dec.modules()) * model.config.num_layers
+    n = len(dec.modules()) * model.config.num_layers
     fresh = t2jax.load_model()  # a new Model object: no in-memory memo, only the disk cache
     t0 = time.perf_counter()
     svf.decompose(fresh, args.targets, args.rank, progress=False)

@@ -49,10 +49,10 @@ class Expert:
     rng = np.random.default_rng(seed)
     z = {}
     for block, proj in svf.target_modules(model.params, targets):
-      kernel = model.params["layers"][block][proj]["kernel"]
-      r = svf.module_rank(kernel.shape, rank)
-      for layer in range(kernel.shape[0]):
-        z[svf.hf_module_name(block, proj, layer)] = svf.init_z((r,), parametrisation, rng, init_noise)
+      for layer, p in enumerate(model.params["layers"]):
+        r = svf.module_rank(p[block][proj]["kernel"].shape, rank)
+        z[svf.hf_module_name(block, proj, layer)] = svf.init_z((r,), parametrisation, rng,
+                                                               init_noise)
     return cls(z=z, fingerprint=model.fingerprint, targets=targets, rank=rank,
                parametrisation=parametrisation, name=name, max_mult=max_mult)
 
@@ -99,14 +99,15 @@ class Expert:
         raise SVFError(f"expert {self.name!r}: z[{k!r}] has shape {self.z[k].shape}; rank "
                        f"{self.rank} on this model needs {v.shape}.")
 
-  def z_tree(self, model) -> dict:
-    """z as {block: {name: [L, r]}} (the layout of params["layers"]), checked against model."""
+  def z_tree(self, model) -> list:
+    """z as [{block: {name: [r]}} per layer] (the layout of params["layers"]), checked
+    against model."""
     self.check(model)
-    tree: dict = {}
-    for block, proj in svf.target_modules(model.params, self.targets):
-      layers = model.params["layers"][block][proj]["kernel"].shape[0]
-      tree.setdefault(block, {})[proj] = np.stack(
-          [self.z[svf.hf_module_name(block, proj, i)] for i in range(layers)])
+    modules = svf.target_modules(model.params, self.targets)
+    tree: list = [{} for _ in model.params["layers"]]
+    for layer, z_layer in enumerate(tree):
+      for block, proj in modules:
+        z_layer.setdefault(block, {})[proj] = self.z[svf.hf_module_name(block, proj, layer)]
     return tree
 
   # -- files ----------------------------------------------------------------------------------
@@ -230,14 +231,15 @@ def bind(model, experts, batch: int, mode: str = "auto"):
     return _materialised(model, first, dec), None, llama.plain_linear
   trees = {id(e): e.z_tree(model) for e in present}
   ones = jax.tree.map(np.ones_like, trees[id(first)])  # placeholder rows, replaced below
-  z_rows = jax.tree.map(lambda *per_row: np.stack(per_row, axis=1),
+  z_rows = jax.tree.map(lambda *per_row: np.stack(per_row),  # [B, r] per matrix
                         *[trees[id(e)] if e is not None else ones for e in rows])
   adapters = _row_adapters(dec.factors, z_rows, parametrisation=first.parametrisation,
                            max_mult=first.max_mult)
   # rows without an expert: the base weights exactly (sz = s, c = 1), whatever the parametrisation
-  keep = jnp.asarray([e is not None for e in rows])
-  for block, names in adapters.items():
-    for name, a in names.items():
-      a["sz"] = jnp.where(keep[None, :, None], a["sz"], a["s"][:, None, :])
-      a["c"] = jnp.where(keep[None, :], a["c"], 1.0)
+  keep_B = jnp.asarray([e is not None for e in rows])
+  for a_layer in adapters:
+    for names in a_layer.values():
+      for a in names.values():
+        a["sz"] = jnp.where(keep_B[:, None], a["sz"], a["s"][None, :])
+        a["c"] = jnp.where(keep_B, a["c"], 1.0)
   return model.params, adapters, svf.factored_linear

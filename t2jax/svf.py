@@ -1,6 +1,7 @@
 """Singular Value Fine-tuning: W = U diag(s) Vᵀ, and an expert z rescales s.
 
-For a targeted projection with kernel K = Wᵀ ([in n, out m]) we keep, per layer,
+For a targeted projection with kernel K = Wᵀ ([in n, out m]) we keep, per layer (factors and
+z are lists with one {block: {name: ...}} dict per layer, like params["layers"]),
   v [n, r] (= V_r), s [r], ut [r, m] (= U_rᵀ), s_total [] (sum of ALL singular values),
 so K = v diag(s) ut when r = min(n, m). An expert gives, per matrix, scaled singular values
 sz = c·s·f(z) and a scalar c (c = 1 except for the `paper` parametrisation, whose
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,19 +48,18 @@ def target_modules(params: dict, targets: str) -> list[tuple[str, str]]:
     pattern = re.compile(targets)
   except re.error as e:
     raise SVFError(f"targets {targets!r} is not a valid regex: {e}") from None
-  found = [(block, name) for block in sorted(params["layers"])
-           if isinstance(params["layers"][block], dict)
-           for name in sorted(params["layers"][block])
-           if pattern.search(f"layers/{block}/{name}")]
+  layer = params["layers"][0]
+  paths = [(block, name) for block in sorted(layer) if isinstance(layer[block], dict)
+           for name in sorted(layer[block])]
+  found = [(b, n) for b, n in paths if pattern.search(f"layers/{b}/{n}")]
   if not found:
-    names = [f"layers/{b}/{n}" for b in sorted(params["layers"])
-             if isinstance(params["layers"][b], dict) for n in sorted(params["layers"][b])]
-    raise SVFError(f"targets {targets!r} match no projection; paths are {names}.")
+    raise SVFError(f"targets {targets!r} match no projection; paths are "
+                   f"{[f'layers/{b}/{n}' for b, n in paths]}.")
   return found
 
 
 def module_rank(kernel_shape: tuple[int, ...], rank: int | None) -> int:
-  """Rank kept for a kernel [L, n, m] (or [n, m]): min(n, m), or `rank` if smaller."""
+  """Rank kept for a kernel [n, m]: min(n, m), or `rank` if smaller."""
   full = min(kernel_shape[-2:])
   return full if rank is None else min(int(rank), full)
 
@@ -74,16 +74,15 @@ def hf_module_name(block: str, name: str, layer: int) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decomposition:
-  """factors[block][name] = {"v": [L, n, r], "s": [L, r], "ut": [L, r, m], "s_total": [L]}."""
-  factors: dict
+  """factors[layer][block][name] = {"v": [n, r], "s": [r], "ut": [r, m], "s_total": []}."""
+  factors: list
   fingerprint: str
   targets: str
   rank: int | None
 
-  def modules(self) -> Iterator[tuple[str, str, dict]]:
-    for block in sorted(self.factors):
-      for name in sorted(self.factors[block]):
-        yield block, name, self.factors[block][name]
+  def modules(self) -> list[tuple[str, str]]:
+    return [(block, name) for block in sorted(self.factors[0])
+            for name in sorted(self.factors[0][block])]
 
 
 def _cache_dir(fingerprint: str, targets: str, rank: int | None) -> str:
@@ -111,7 +110,7 @@ def decompose(model, targets: str | None = None, rank: int | None = None, *,
   modules = target_modules(model.params, targets)
   path = _cache_dir(model.fingerprint, targets, rank)
   if cache and os.path.isfile(os.path.join(path, "meta.json")):
-    factors = _load_factors(path, modules)
+    factors = _load_factors(path, modules, len(model.params["layers"]))
   else:
     factors = _compute_factors(model.params, modules, rank, progress)
     if cache:
@@ -123,35 +122,33 @@ def decompose(model, targets: str | None = None, rank: int | None = None, *,
   return dec
 
 
-def _compute_factors(params: dict, modules, rank, progress: bool) -> dict:
+def _compute_factors(params: dict, modules, rank, progress: bool) -> list:
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  layers = params["layers"]
-  n_layers = next(iter(jax.tree.leaves(layers))).shape[0]
-  factors: dict = {}
-  bar = tqdm(total=len(modules) * n_layers, desc="SVD", unit="matrix", disable=not progress)
+  factors: list = [{} for _ in params["layers"]]
+  bar = tqdm(total=len(modules) * len(factors), desc="SVD", unit="matrix", disable=not progress)
   for block, name in modules:
-    kernel = np.asarray(layers[block][name]["kernel"], np.float32)
-    r = module_rank(kernel.shape, rank)
-    per_layer = []
-    for layer in range(n_layers):
-      per_layer.append(_svd_one(kernel[layer], r))
+    for layer, p in enumerate(params["layers"]):
+      kernel = np.asarray(p[block][name]["kernel"], np.float32)
+      parts = _svd_one(kernel, module_rank(kernel.shape, rank))
+      factors[layer].setdefault(block, {})[name] = {k: np.asarray(v, np.float32)
+                                                   for k, v in parts.items()}
       bar.update()
-    factors.setdefault(block, {})[name] = {
-        k: np.stack([f[k] for f in per_layer]).astype(np.float32) for k in per_layer[0]}
   bar.close()
   return factors
 
 
-def _save_factors(path: str, factors: dict, meta: dict) -> None:
-  """Atomic: written into a temp dir beside the target, then renamed into place."""
+def _save_factors(path: str, factors: list, meta: dict) -> None:
+  """One file per (module, part), layers stacked. Atomic: written into a temp dir beside the
+  target, then renamed into place."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
   try:
-    for block, names in factors.items():
+    for block, names in factors[0].items():
       for name, parts in names.items():
-        for part, arr in parts.items():
-          np.save(os.path.join(tmp, f"{block}.{name}.{part}.npy"), arr)
+        for part in parts:
+          np.save(os.path.join(tmp, f"{block}.{name}.{part}.npy"),
+                  np.stack([f[block][name][part] for f in factors]))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f)
     if os.path.isdir(path):
@@ -161,12 +158,13 @@ def _save_factors(path: str, factors: dict, meta: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs the next run time
 
 
-def _load_factors(path: str, modules) -> dict:
-  factors: dict = {}
+def _load_factors(path: str, modules, num_layers: int) -> list:
+  factors: list = [{} for _ in range(num_layers)]
   for block, name in modules:
-    factors.setdefault(block, {})[name] = {
-        part: np.load(os.path.join(path, f"{block}.{name}.{part}.npy"), mmap_mode="r")
-        for part in ("v", "s", "ut", "s_total")}
+    parts = {part: np.load(os.path.join(path, f"{block}.{name}.{part}.npy"), mmap_mode="r")
+             for part in ("v", "s", "ut", "s_total")}
+    for layer in range(num_layers):
+      factors[layer].setdefault(block, {})[name] = {k: v[layer] for k, v in parts.items()}
   return factors
 
 
@@ -217,35 +215,39 @@ def choose_mode(per_row: bool, mode: str = "auto") -> str:
   return "factored" if per_row else "materialised"
 
 
-def materialise(params: dict, dec_factors: dict, z_tree: dict, *, parametrisation: str,
+def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: str,
                 max_mult: float) -> dict:
-  """Params with every targeted kernel replaced by K' for one z (z_tree[block][name]: [L, r]).
-  Pure and differentiable in z; params and factors are never differentiated."""
-  layers = dict(params["layers"])
-  for block, names in dec_factors.items():
-    layers[block] = dict(layers[block])
-    for name, f in names.items():
-      f = jax.tree.map(jax.lax.stop_gradient, f)
-      p = layers[block][name]
-      kernel = jax.lax.stop_gradient(p["kernel"])
-      sz, c = scaled_singular_values(z_tree[block][name], f["s"], f["s_total"], parametrisation,
-                                     max_mult)
-      delta_LxR = sz - c[:, None] * f["s"]
-      update = jnp.einsum("lnr,lr,lrm->lnm", f["v"], delta_LxR, f["ut"])
-      new_kernel = c[:, None, None] * kernel + update.astype(kernel.dtype)
-      layers[block][name] = {**p, "kernel": new_kernel.astype(kernel.dtype)}
+  """Params with every targeted kernel replaced by K' for one z (z_tree[layer][block][name]:
+  [r]). Pure and differentiable in z; params and factors are never differentiated."""
+  layers = []
+  for p_layer, f_layer, z_layer in zip(params["layers"], factors, z_tree):
+    p_layer = dict(p_layer)
+    for block, names in f_layer.items():
+      p_layer[block] = dict(p_layer[block])
+      for name, f in names.items():
+        f = jax.tree.map(jax.lax.stop_gradient, f)
+        p = p_layer[block][name]
+        kernel = jax.lax.stop_gradient(p["kernel"])
+        sz, c = scaled_singular_values(z_layer[block][name], f["s"], f["s_total"],
+                                       parametrisation, max_mult)
+        update = (f["v"] * (sz - c * f["s"])) @ f["ut"]
+        p_layer[block][name] = {**p, "kernel": (c * kernel + update).astype(kernel.dtype)}
+    layers.append(p_layer)
   return {**params, "layers": layers}
 
 
-def row_adapters(dec_factors: dict, z_rows: dict, *, parametrisation: str,
-                 max_mult: float) -> dict:
-  """Adapters for `factored_linear`: z_rows[block][name] is [L, B, r] (a z per row)."""
-  out: dict = {}
-  for block, names in dec_factors.items():
-    for name, f in names.items():
-      sz, c = scaled_singular_values(z_rows[block][name], f["s"][:, None], f["s_total"][:, None],
-                                     parametrisation, max_mult)
-      out.setdefault(block, {})[name] = {"v": f["v"], "ut": f["ut"], "s": f["s"], "sz": sz, "c": c}
+def row_adapters(factors: list, z_rows: list, *, parametrisation: str, max_mult: float) -> list:
+  """Per-layer adapters for `factored_linear`: z_rows[layer][block][name] is [B, r]."""
+  out = []
+  for f_layer, z_layer in zip(factors, z_rows):
+    a_layer: dict = {}
+    for block, names in f_layer.items():
+      for name, f in names.items():
+        sz, c = scaled_singular_values(z_layer[block][name], f["s"], f["s_total"][None],
+                                       parametrisation, max_mult)
+        a_layer.setdefault(block, {})[name] = {"v": f["v"], "ut": f["ut"], "s": f["s"],
+                                               "sz": sz, "c": c}
+    out.append(a_layer)
   return out
 
 

@@ -229,8 +229,8 @@ def test_top_k_above_vocab_size(loaded):
 def test_bucket_length():
   from t2jax.sampling import bucket_length  # pylint: disable=import-outside-toplevel
 
-  assert [bucket_length(n) for n in (1, 31, 32, 33, 64, 65, 512, 513, 1024, 1025)] == [
-      32, 32, 32, 64, 64, 128, 512, 1024, 1024, 1536]
+  assert [bucket_length(n) for n in (1, 16, 17, 128, 129, 1024, 1025, 1536, 1537)] == [
+      16, 16, 32, 128, 256, 1024, 1536, 1536, 2048]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -98,15 +98,14 @@ def test_config_read_from_checkpoint(loaded, name):
     assert getattr(model.config, key) == value, key
   params = model.params
   assert ("lm_head" in params) == (not model.config.tie_word_embeddings)
-  attn = params["layers"]["self_attn"]
+  attn = params["layers"][0]["self_attn"]
   assert ("bias" in attn["q_proj"]) == model.config.qkv_bias
   assert ("bias" in attn["o_proj"]) == model.config.o_bias
-  assert ("bias" in params["layers"]["mlp"]["up_proj"]) == model.config.mlp_bias
+  assert ("bias" in params["layers"][0]["mlp"]["up_proj"]) == model.config.mlp_bias
   cfg = model.config
-  assert attn["q_proj"]["kernel"].shape == (cfg.num_layers, cfg.hidden_size,
-                                            cfg.num_heads * cfg.head_dim)
-  assert attn["k_proj"]["kernel"].shape == (cfg.num_layers, cfg.hidden_size,
-                                            cfg.num_kv_heads * cfg.head_dim)
+  assert len(params["layers"]) == cfg.num_layers
+  assert attn["q_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+  assert attn["k_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
 
 
 def test_llama3_rope_scaling_is_read(loaded):

@@ -1,15 +1,19 @@
 """The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) as pure functions over a params pytree.
 
-Params layout (layers stacked on a leading L axis so one `lax.scan` runs them all, which keeps
-compiled programs small):
+Params layout: a list with one dict per layer, so every projection reads its own buffer.
 
     embed_tokens                 [V, D]
-    layers/input_layernorm       [L, D]
-    layers/self_attn/{q,k,v,o}_proj/kernel   [L, in, out]   (+ /bias [L, out] where present)
-    layers/post_attention_layernorm          [L, D]
-    layers/mlp/{gate,up,down}_proj/kernel    [L, in, out]
+    layers[i]/input_layernorm    [D]
+    layers[i]/self_attn/{q,k,v,o}_proj/kernel   [in, out]   (+ /bias [out] where present)
+    layers[i]/post_attention_layernorm          [D]
+    layers[i]/mlp/{gate,up,down}_proj/kernel    [in, out]
     norm                         [D]
     lm_head                      [D, V]   (absent when embeddings are tied)
+
+Why not layers stacked on a leading axis under `lax.scan`: on the CPU backend XLA copies each
+layer's dynamic slice of a stacked weight before the matmul, which measured 25 % of a decode
+step (bench/ and the closing note of the SVF issue); the unrolled loop over separate buffers
+reads every weight once, and the default model still compiles in seconds.
 
 Kernels are stored [in, out] (HF's weight transposed) so a projection is `x @ kernel`.
 Every projection goes through `linear(x, p, adapter)`: the model does not know about SVF;
@@ -43,14 +47,15 @@ def plain_linear(x: jnp.ndarray, p: dict, adapter: Any = None) -> jnp.ndarray:
 
 @flax.struct.dataclass
 class KVCache:
-  # [L, B, KVH, S, K]: (batch, kv-head) lead so attention's batched dots read it in place
-  k: jnp.ndarray
-  v: jnp.ndarray
+  # per layer [B, KVH, S, K]: (batch, kv-head) lead so attention's batched dots read it in place
+  k: list[jnp.ndarray]
+  v: list[jnp.ndarray]
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return cls(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+               v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -83,27 +88,28 @@ def forward(
     *,
     cfg: ModelConfig,
     linear: Linear = plain_linear,
-    adapters: dict | None = None,
+    adapters: list | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
   """Runs the decoder on T new tokens per row and writes their K/V at cache slots
   [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
   key_valid[b, s]. Returns the final-norm hidden states [B, T, D] and the updated cache.
 
-  adapters: optional pytree shaped like params["layers"] (leading L axis), handed to
-  `linear` per projection; None for the base model.
+  adapters: optional list with one pytree per layer (shaped like that layer's params, holding
+  only the adapted projections), handed to `linear` per projection; None for the base model.
   """
   b, t = tokens_BxT.shape
-  s = cache.k.shape[3]
+  s = cache.k[0].shape[2]
   inv_freq = rope.inv_frequencies(cfg)
   x = params["embed_tokens"][tokens_BxT]
   query_slot_T = write_index + jnp.arange(t)
   visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None] & key_valid_BxS[:, None]
   n_h, n_kv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-  def layer(carry, xs):
-    x, k_cache, v_cache = carry
-    p, a, i = xs
-    ad = (lambda block, name: None) if a is None else (lambda block, name: a.get(block, {}).get(name))
+  zero = jnp.zeros((), jnp.int32)
+  start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
+  k_out, v_out = [], []
+  for i, p in enumerate(params["layers"]):
+    a = adapters[i] if adapters is not None else {}
+    ad = lambda block, name: a.get(block, {}).get(name)  # pylint: disable=cell-var-from-loop
     h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     attn = p["self_attn"]
     q = linear(h, attn["q_proj"], ad("self_attn", "q_proj")).reshape(b, t, n_h, kd)
@@ -111,26 +117,21 @@ def forward(
     v = linear(h, attn["v_proj"], ad("self_attn", "v_proj")).reshape(b, t, n_kv, kd)
     q = rope.apply_rope(q, positions_BxT, inv_freq)
     k = rope.apply_rope(k, positions_BxT, inv_freq)
-    zero = jnp.zeros((), jnp.int32)
-    start = (i, zero, zero, write_index.astype(jnp.int32), zero)
     k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k.transpose(0, 2, 1, 3)[None].astype(k_cache.dtype), start)
+        cache.k[i], k.transpose(0, 2, 1, 3).astype(cache.k[i].dtype), start)
     v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v.transpose(0, 2, 1, 3)[None].astype(v_cache.dtype), start)
-    out = _attention(q, k_cache[i], v_cache[i], visible_BxTxS)
+        cache.v[i], v.transpose(0, 2, 1, 3).astype(cache.v[i].dtype), start)
+    out = _attention(q, k_cache, v_cache, visible_BxTxS)
     x = x + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
     h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
     mlp = p["mlp"]
     gate = linear(h, mlp["gate_proj"], ad("mlp", "gate_proj"))
     up = linear(h, mlp["up_proj"], ad("mlp", "up_proj"))
     x = x + linear(jax.nn.silu(gate) * up, mlp["down_proj"], ad("mlp", "down_proj"))
-    return (x, k_cache, v_cache), None
-
-  layer_ids = jnp.arange(cfg.num_layers)
-  (x, k_cache, v_cache), _ = jax.lax.scan(
-      layer, (x, cache.k, cache.v), (params["layers"], adapters, layer_ids))
+    k_out.append(k_cache)
+    v_out.append(v_cache)
   x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
-  return x, KVCache(k=k_cache, v=v_cache)
+  return x, KVCache(k=k_out, v=v_out)
 
 
 def lm_head(params: dict, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
@@ -149,7 +150,7 @@ def positions_from_mask(mask_BxT: jnp.ndarray) -> jnp.ndarray:
 
 def full_logits(params: dict, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, *,
                 cfg: ModelConfig, linear: Linear = plain_linear,
-                adapters: dict | None = None) -> jnp.ndarray:
+                adapters: list | None = None) -> jnp.ndarray:
   """Logits [B, T, V] of a (possibly left-padded) batch, no cache kept."""
   b, t = tokens_BxT.shape
   cache = KVCache.zeros(cfg, b, t, params["embed_tokens"].dtype)

@@ -46,7 +46,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def param_path(hf_name: str) -> tuple[tuple[str, ...], int | None, bool]:
-  """HF name → (params path, layer index or None, transpose?)."""
+  """HF name → (params path, layer index or None, transpose?). A layer's path starts with
+  "layers" and continues inside params["layers"][index]."""
   if hf_name == "model.embed_tokens.weight":
     return ("embed_tokens",), None, False
   if hf_name == "model.norm.weight":
@@ -61,21 +62,6 @@ def param_path(hf_name: str) -> tuple[tuple[str, ...], int | None, bool]:
     return ("layers", module), layer, False
   leaf = "kernel" if kind == "weight" else "bias"
   return ("layers", *module.split("."), leaf), layer, kind == "weight"
-
-
-def hf_name(path: tuple[str, ...], layer: int | None) -> str:
-  """Inverse of `param_path` for weights: ('layers','mlp','gate_proj','kernel'), 3 →
-  'model.layers.3.mlp.gate_proj.weight'."""
-  if path == ("embed_tokens",):
-    return "model.embed_tokens.weight"
-  if path == ("norm",):
-    return "model.norm.weight"
-  if path == ("lm_head",):
-    return "lm_head.weight"
-  *module, leaf = path[1:]
-  if not module:  # a layernorm
-    return f"model.layers.{layer}.{leaf}.weight"
-  return f"model.layers.{layer}.{'.'.join(module)}.{'weight' if leaf == 'kernel' else 'bias'}"
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -97,8 +83,7 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
   (config + a sample of every tensor) that identifies the checkpoint independent of dtype."""
   expected = expected_tensors(cfg)
   np_dtype = jnp.dtype(dtype)
-  host: dict = {}
-  stacked: dict[tuple[str, ...], np.ndarray] = {}
+  host: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
   seen: set[str] = set()
   digests: dict[str, bytes] = {}
   for name, arr in tensors:
@@ -114,14 +99,13 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
                          f"implies {expected[name]}.")
     digests[name] = _sample_digest(arr)
     path, layer, transpose = param_path(name)
-    value = arr.T if transpose else arr
+    value = np.asarray(arr.T if transpose else arr, dtype=np_dtype)
+    # each tensor goes to the device as it arrives: at most one host copy is alive
     if layer is None:
-      _set(host, path, np.asarray(value, dtype=np_dtype))
+      _set(host, path, jax.device_put(value))
     else:
-      if path not in stacked:
-        stacked[path] = np.empty((cfg.num_layers, *value.shape), np_dtype)
-        _set(host, path, stacked[path])
-      stacked[path][layer] = value
+      _set(host["layers"][layer], path[1:], jax.device_put(value))
+    del value
     seen.add(name)
   missing = sorted(set(expected) - seen)
   if missing:
@@ -131,14 +115,4 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
   fingerprint = hashlib.sha256(repr(dataclasses.replace(cfg, eos_token_ids=())).encode())
   for name in sorted(digests):
     fingerprint.update(name.encode() + digests[name])
-  # Move leaf by leaf and drop each host copy at once: peak memory ≈ one model + one leaf.
-  return _to_device(host), fingerprint.hexdigest()[:16]
-
-
-def _to_device(tree: dict) -> dict:
-  out = {}
-  for key in list(tree):
-    value = tree.pop(key)
-    out[key] = _to_device(value) if isinstance(value, dict) else jax.device_put(value)
-    del value
-  return out
+  return host, fingerprint.hexdigest()[:16]
