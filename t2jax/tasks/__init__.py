@@ -1,0 +1,1 @@
+"""Tasks: a data source, the prompt for a record and the reward for a completion."""

@@ -1,0 +1,77 @@
+"""Math tasks: answer extraction, reproducible disjoint splits, GSM8K JSONL errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from t2jax.tasks.base import TaskError
+from t2jax.tasks.math import GSM8K, Arithmetic, extract_answer
+
+
+@pytest.mark.parametrize("text,want", [
+    ("The answer is 42.", 42.0),
+    ("2 + 3 = 5", 5.0),
+    ("It costs $1,234.50 in total", 1234.5),
+    ("#### 1,000", 1000.0),
+    ("We get \\boxed{17} apples", 17.0),
+    ("Answer: -7 degrees, since 3 - 10 = -7", -7.0),
+    ("first 12, then the answer is 30 cookies. Check: 30", 30.0),
+    ("the answer is 8 (not 9)", 8.0),
+    ("no digits here", None),
+])
+def test_extract_answer(text, want):
+  assert extract_answer(text) == want
+
+
+def test_arithmetic_splits_are_disjoint_and_reproducible():
+  task = Arithmetic(level=2)
+  splits = {s: task.records(s) for s in ("train", "val", "test")}
+  questions = {s: {r["question"] for r in recs} for s, recs in splits.items()}
+  assert not questions["train"] & questions["test"]
+  assert not questions["train"] & questions["val"]
+  assert not questions["val"] & questions["test"]
+  assert sum(map(len, splits.values())) == 90 * 90
+  assert 0.05 < len(splits["test"]) / (90 * 90) < 0.15
+  assert Arithmetic(level=2).records("test") == splits["test"]
+  rec = splits["test"][0]
+  a, op, b = rec["question"][len("What is "):-1].split()
+  assert rec["target"] == int(a) + int(b) and op == "+"
+
+
+def test_arithmetic_reward_and_messages():
+  task = Arithmetic(level=1)
+  rec = {"question": "What is 3 + 4?", "target": 7}
+  assert task.reward(rec, "3 + 4 = 7. The answer is 7.") == 1.0
+  assert task.reward(rec, "The answer is 8.") == -1.0
+  assert task.messages(rec)[-1] == {"role": "user", "content": "What is 3 + 4?"}
+  with pytest.raises(TaskError, match="level 9"):
+    Arithmetic(level=9)
+  with pytest.raises(TaskError, match="split 'dev'"):
+    task.records("dev")
+
+
+def test_gsm8k_jsonl(tmp_path):
+  train = tmp_path / "train.jsonl"
+  train.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"work\n#### {i},000"})
+                             for i in range(50)) + "\n")
+  test = tmp_path / "test.jsonl"
+  test.write_text(json.dumps({"question": "t", "answer": "#### $12"}) + "\n")
+  task = GSM8K(train_path=str(train), test_path=str(test))
+  assert task.records("test") == [{"question": "t", "target": 12.0}]
+  tr, va = task.records("train"), task.records("val")
+  assert len(tr) + len(va) == 50 and not {r["question"] for r in tr} & {r["question"] for r in va}
+  assert {r["target"] for r in tr + va} == {i * 1000.0 for i in range(50)}
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"question": "a", "answer": "#### 1"}) + "\n{oops\n")
+  with pytest.raises(TaskError, match="bad.jsonl:2"):
+    GSM8K(train_path=str(bad), test_path=str(test)).records("train")
+  with pytest.raises(TaskError, match="does not exist"):
+    GSM8K(train_path=str(tmp_path / "nope.jsonl"), test_path=str(test)).records("train")
+  with pytest.raises(TaskError, match="needs a train file"):
+    GSM8K(test_path=str(test)).records("train")
+  missing = tmp_path / "missing.jsonl"
+  missing.write_text(json.dumps({"question": "a"}) + "\n")
+  with pytest.raises(TaskError, match="missing.jsonl:1: missing key"):
+    GSM8K(train_path=str(missing), test_path=str(test)).records("train")
