@@ -8,15 +8,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2jax import svf
+from t2jax import atomic, svf
 from t2jax.models import llama
 from t2jax.svf import SVFError
 
@@ -117,11 +115,7 @@ class Expert:
     so an existing expert at `path` is replaced only by a complete new one."""
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
+    with atomic.write_dir(path) as tmp:
       save_file({k: np.ascontiguousarray(v, np.float32) for k, v in self.z.items()},
                 os.path.join(tmp, _Z))
       meta = {"format": FORMAT, "name": self.name, "fingerprint": self.fingerprint,
@@ -130,16 +124,6 @@ class Expert:
               "metrics": self.metrics}
       with open(os.path.join(tmp, _META), "w") as f:
         json.dump(meta, f, indent=1, default=float)
-      old = None
-      if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-        os.rename(path, os.path.join(old, "expert"))
-      os.rename(tmp, path)
-      if old:
-        shutil.rmtree(old)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
 
   @classmethod
   def load(cls, path: str) -> "Expert":

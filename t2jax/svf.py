@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2jax import atomic
 from t2jax.cache import cache_dir
 from t2jax.models import llama
 
@@ -139,23 +138,18 @@ def _compute_factors(params: dict, modules, rank, progress: bool) -> list:
 
 
 def _save_factors(path: str, factors: list, meta: dict) -> None:
-  """One file per (module, part), layers stacked. Atomic: written into a temp dir beside the
-  target, then renamed into place."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
+  """One file per (module, part), layers stacked; written atomically."""
   try:
-    for block, names in factors[0].items():
-      for name, parts in names.items():
-        for part in parts:
-          np.save(os.path.join(tmp, f"{block}.{name}.{part}.npy"),
-                  np.stack([f[block][name][part] for f in factors]))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(meta, f)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
+    with atomic.write_dir(path) as tmp:
+      for block, names in factors[0].items():
+        for name, parts in names.items():
+          for part in parts:
+            np.save(os.path.join(tmp, f"{block}.{name}.{part}.npy"),
+                    np.stack([f[block][name][part] for f in factors]))
+      with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
   except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs the next run time
+    pass  # a read-only cache only costs the next run the SVD time
 
 
 def _load_factors(path: str, modules, num_layers: int) -> list:
