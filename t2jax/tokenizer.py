@@ -51,20 +51,27 @@ def load_tokenizer(path: str):
   return tok
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
-  """Text prompts → token ids, each wrapped as one user turn of the chat template."""
+def encode_chats(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+  """Chat conversations (lists of {"role", "content"} turns) → token ids of each conversation
+  followed by the assistant's generation prompt."""
   if tokenizer is None:
     raise ValueError("this model has no tokenizer (its directory has no tokenizer files): pass "
                      "prompts as lists of token ids instead of strings.")
-  if chat_template and not tokenizer.chat_template:
+  if not tokenizer.chat_template:
     raise ValueError("this model's tokenizer has no chat template: pass chat_template=False "
                      "(CLI: --no-chat-template) to feed prompts as raw text.")
   out = []
-  for prompt in prompts:
-    if chat_template:
-      text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-      out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-      out.append(tokenizer(prompt)["input_ids"])
+  for turns in chats:
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
   return out
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
+  """Text prompts → token ids, each wrapped as one user turn of the chat template."""
+  if chat_template:
+    return encode_chats(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+  if tokenizer is None:
+    raise ValueError("this model has no tokenizer (its directory has no tokenizer files): pass "
+                     "prompts as lists of token ids instead of strings.")
+  return [tokenizer(p)["input_ids"] for p in prompts]

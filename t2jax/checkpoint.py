@@ -1,0 +1,71 @@
+"""Training checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints holding the train
+state (z, optimizer state, step, rng), the data iterator state and the run's config.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save leaves the previous checkpoint as the latest. A workdir whose checkpoint was made by
+an incompatible config is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config keys that change what the saved state means; any other key may change on resume
+# (e.g. more `steps`, another `eval_every`).
+COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "targets", "rank",
+                      "parametrisation", "max_mult", "optimizer", "batch_size", "seed")
+
+
+class CheckpointError(ValueError):
+  """A workdir holding a checkpoint this run cannot continue."""
+
+
+class Checkpoints:
+  def __init__(self, workdir: str, *, keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def check_compatible(self, config: dict, fingerprint: str) -> None:
+    """Raises CheckpointError naming every key where the saved run differs from this one."""
+    step = self.latest_step()
+    if step is None:
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    saved = saved["meta"]
+    diffs = [k for k in COMPATIBILITY_KEYS if saved["config"].get(k) != config.get(k)]
+    if saved["fingerprint"] != fingerprint:
+      diffs.append("model weights (fingerprint)")
+    if diffs:
+      detail = "; ".join(f"{k}: saved {saved['config'].get(k)!r}, now {config.get(k)!r}"
+                         for k in diffs if k in config)
+      raise CheckpointError(
+          f"{self.directory} holds a checkpoint (step {step}) of an incompatible run: "
+          f"{', '.join(diffs)} differ ({detail}). Use another --workdir, or delete that "
+          "directory to start over.")
+
+  def save(self, step: int, state: Any, data_state: dict, config: dict,
+           fingerprint: str) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave({"config": config, "fingerprint": fingerprint, "step": step})))
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    """The state (shaped and placed like `like`) and the data iterator state of `step`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    got = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    return got["state"], got["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

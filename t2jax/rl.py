@@ -1,0 +1,134 @@
+"""REINFORCE with a KL penalty for SVF experts: advantages, sequence log-probs, the loss.
+
+The objective (paper, eq. 1): maximise E[log π_z(y|x)·r(x, y)] − λ·KL(π_z ‖ π_base).
+Differences from the official code, each a config switch (see configs/paper_gsm8k.py for the
+official settings): a baseline per prompt group (`leave_one_out`) or per batch, and KL in
+the paper's direction, KL(π_z ‖ π_base) (the official code computes KL(π_base ‖ π_z)).
+
+A step scores B prompts × G samples. The G samples of a prompt share its prefix: the prompt
+runs once per prompt (B rows), its KV cache is repeated G times and only the completions run
+per sample. That is exact (the same attention, the same positions) and cuts the update to
+B·P + B·G·C tokens instead of B·G·(P + C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from t2jax import svf
+from t2jax.models import llama
+from t2jax.models.config import ModelConfig
+
+BASELINES = ("none", "batch_mean", "leave_one_out")
+KL_ESTIMATORS = ("off", "exact", "k3")
+NORMALISATIONS = ("sum", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+  """Static (hashable) loss settings."""
+  baseline: str = "leave_one_out"
+  kl: str = "exact"  # off | exact (full vocabulary) | k3 (sampled tokens; Schulman's k3)
+  kl_coef: float = 0.05
+  logprob_norm: str = "sum"  # sequence log-prob summed (official) or length-normalised
+  parametrisation: str = "scale"
+  max_mult: float = 2.0
+
+  def __post_init__(self):
+    for value, allowed, what in ((self.baseline, BASELINES, "baseline"),
+                                 (self.kl, KL_ESTIMATORS, "kl"),
+                                 (self.logprob_norm, NORMALISATIONS, "logprob_norm")):
+      if value not in allowed:
+        raise ValueError(f"{what} {value!r} is unknown; use one of {allowed}.")
+
+
+@flax.struct.dataclass
+class Rollouts:
+  """B prompts (left-padded to P), G samples each, completions right-padded to C."""
+  prompt_BxP: jnp.ndarray  # int32
+  prompt_mask_BxP: jnp.ndarray  # bool
+  completion_NxC: jnp.ndarray  # int32, N = B·G, row b·G + g is sample g of prompt b
+  completion_mask_NxC: jnp.ndarray  # bool: a generated token (EOS included)
+  reward_N: jnp.ndarray  # float32
+
+
+def advantages(reward_BxG: jnp.ndarray, baseline: str) -> jnp.ndarray:
+  """Rewards minus the baseline. leave_one_out: the mean reward of the prompt's other samples
+  (unbiased, and a whole group with one reward gets no gradient)."""
+  if baseline == "none":
+    return reward_BxG
+  if baseline == "batch_mean":
+    return reward_BxG - jnp.mean(reward_BxG)
+  g = reward_BxG.shape[1]
+  if g < 2:
+    raise ValueError("baseline 'leave_one_out' needs samples_per_prompt >= 2.")
+  others = (jnp.sum(reward_BxG, axis=1, keepdims=True) - reward_BxG) / (g - 1)
+  return reward_BxG - others
+
+
+def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig) -> jnp.ndarray:
+  """Float32 logits [N, C, V]: position t predicts completion token t."""
+  b, p = batch.prompt_BxP.shape
+  n, c = batch.completion_NxC.shape
+  g = n // b
+  cache = llama.KVCache.zeros(cfg, b, p + c - 1, params["embed_tokens"].dtype)
+  key_valid = jnp.concatenate([batch.prompt_mask_BxP, jnp.ones((b, c - 1), bool)], axis=1)
+  positions = llama.positions_from_mask(batch.prompt_mask_BxP)
+  hidden_BxPxD, cache = llama.forward(params, batch.prompt_BxP, positions, cache,
+                                      jnp.zeros((), jnp.int32), key_valid, cfg=cfg)
+  rep = lambda x: jnp.repeat(x, g, axis=0)  # [B, ...] → [N, ...], prompt b's G rows together
+  hidden_first_Nx1xD = rep(hidden_BxPxD[:, -1:])  # left padding: the prompt ends at slot P-1
+  if c == 1:
+    return llama.lm_head(params, hidden_first_Nx1xD)
+  cache = jax.tree.map(rep, cache)
+  # completion token t sits at position len(prompt) + t; the last token predicts nothing
+  start_N = rep(positions[:, -1] + 1)
+  tokens_Nx = batch.completion_NxC[:, :-1]
+  hidden_rest, _ = llama.forward(params, tokens_Nx, start_N[:, None] + jnp.arange(c - 1), cache,
+                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg)
+  return llama.lm_head(params, jnp.concatenate([hidden_first_Nx1xD, hidden_rest], axis=1))
+
+
+def _reduce(x_NxC: jnp.ndarray, mask_NxC: jnp.ndarray, norm: str) -> jnp.ndarray:
+  total = jnp.sum(jnp.where(mask_NxC, x_NxC, 0.0), axis=1)
+  return total / jnp.maximum(jnp.sum(mask_NxC, axis=1), 1) if norm == "mean" else total
+
+
+def token_logprobs(logits_NxCxV: jnp.ndarray, tokens_NxC: jnp.ndarray) -> jnp.ndarray:
+  logp = jax.nn.log_softmax(logits_NxCxV, axis=-1)
+  return jnp.take_along_axis(logp, jnp.maximum(tokens_NxC, 0)[..., None], axis=-1)[..., 0]
+
+
+def loss_fn(z_tree: list, params: dict, factors: list, batch: Rollouts, *, cfg: ModelConfig,
+            settings: RLSettings) -> tuple[jnp.ndarray, dict]:
+  """REINFORCE loss (+ λ·KL) of the expert z on a batch of rollouts, and its metrics.
+  Differentiable in z only: params and factors are constants (svf.materialise stops them)."""
+  adapted = svf.materialise(params, factors, z_tree, parametrisation=settings.parametrisation,
+                            max_mult=settings.max_mult)
+  logits = completion_logits(adapted, batch, cfg=cfg)
+  mask = batch.completion_mask_NxC
+  logp_NxC = token_logprobs(logits, batch.completion_NxC)
+  b = batch.prompt_BxP.shape[0]
+  adv_N = jax.lax.stop_gradient(
+      advantages(batch.reward_N.reshape(b, -1), settings.baseline).reshape(-1))
+  seq_logp_N = _reduce(logp_NxC, mask, settings.logprob_norm)
+  pg_loss = -jnp.mean(adv_N * seq_logp_N)
+  tokens = jnp.maximum(jnp.sum(mask), 1)
+  metrics = {"pg_loss": pg_loss, "logp_per_token": jnp.sum(jnp.where(mask, logp_NxC, 0)) / tokens}
+  loss = pg_loss
+  if settings.kl != "off":
+    ref_logits = jax.lax.stop_gradient(completion_logits(params, batch, cfg=cfg))
+    if settings.kl == "exact":  # Σ_v π_z(v) (log π_z(v) − log π_base(v)) at every position
+      logp_all = jax.nn.log_softmax(logits, axis=-1)
+      kl_NxC = jnp.sum(jnp.exp(logp_all) * (logp_all - jax.nn.log_softmax(ref_logits, -1)), -1)
+    else:  # k3 = e^r − 1 − r, r = log π_base(y) − log π_z(y): unbiased, always ≥ 0
+      r = token_logprobs(ref_logits, batch.completion_NxC) - logp_NxC
+      kl_NxC = jnp.exp(r) - 1.0 - r
+    loss = loss + settings.kl_coef * jnp.mean(_reduce(kl_NxC, mask, settings.logprob_norm))
+    metrics["kl"] = jnp.sum(jnp.where(mask, kl_NxC, 0.0)) / tokens
+  metrics["loss"] = loss
+  return loss, metrics

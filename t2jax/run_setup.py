@@ -1,0 +1,97 @@
+"""What `train` and `evaluate` share: the config checked at the boundary, then model, task,
+SVD factors and the prompt encoder built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+
+import t2jax
+from t2jax import rl, svf, trainer
+from t2jax.tasks import make_task
+from t2jax.tokenizer import encode_chats
+
+
+class ConfigValueError(ValueError):
+  """A config value out of range; the message names the key."""
+
+
+def check_config(cfg) -> None:
+  positive = ("steps", "batch_size", "samples_per_prompt", "max_new_tokens", "eval_batch_size",
+              "checkpoint_every")
+  for key in positive:
+    if int(cfg[key]) < 1:
+      raise ConfigValueError(f"config.{key} must be >= 1; got {cfg[key]}.")
+  for key in ("eval_every", "eval_size", "test_size", "warmup_steps"):
+    if int(cfg[key]) < 0:
+      raise ConfigValueError(f"config.{key} must be >= 0; got {cfg[key]}.")
+  if cfg.temperature < 0:
+    raise ConfigValueError(f"config.temperature must be >= 0 (0 = greedy); got {cfg.temperature}.")
+  if cfg.lr <= 0:
+    raise ConfigValueError(f"config.lr must be > 0; got {cfg.lr}.")
+  if cfg.baseline == "leave_one_out" and cfg.samples_per_prompt < 2:
+    raise ConfigValueError("config.baseline='leave_one_out' needs config.samples_per_prompt >= 2 "
+                           "(or use baseline 'none' / 'batch_mean').")
+  if cfg.samples_per_prompt > 1 and cfg.temperature == 0:
+    raise ConfigValueError("config.samples_per_prompt > 1 with temperature 0 draws identical "
+                           "samples; set config.temperature > 0 or samples_per_prompt=1.")
+
+
+def rl_settings(cfg) -> rl.RLSettings:
+  return rl.RLSettings(baseline=cfg.baseline, kl=cfg.kl, kl_coef=float(cfg.kl_coef),
+                       logprob_norm=cfg.logprob_norm, parametrisation=cfg.parametrisation,
+                       max_mult=float(cfg.max_mult))
+
+
+@dataclasses.dataclass
+class Setup:
+  cfg: Any
+  model: t2jax.Model
+  task: Any
+  dec: svf.Decomposition
+
+  def encode(self, records: Sequence[dict]) -> list[list[int]]:
+    prompts = encode_chats(self.model.tokenizer, [self.task.messages(r) for r in records])
+    limit = self.model.config.max_length - int(self.cfg.max_new_tokens)
+    for rec, p in zip(records, prompts):
+      if len(p) > limit:
+        raise ConfigValueError(f"a {self.task.name} prompt has {len(p)} tokens; with "
+                               f"max_new_tokens={self.cfg.max_new_tokens} the model allows "
+                               f"{limit}: {rec.get('question', rec)!r:.80}")
+    return prompts
+
+  def init_z(self) -> list:
+    expert = t2jax.Expert.init(self.model, targets=self.cfg.targets or None,
+                               rank=self.cfg.rank or None,
+                               parametrisation=self.cfg.parametrisation, seed=self.cfg.seed,
+                               max_mult=self.cfg.max_mult, init_noise=self.cfg.init_noise)
+    return expert.z_tree(self.model)
+
+  def adapted_params(self, z_tree: list) -> dict:
+    return trainer.materialise(self.model.params, self.dec.factors, z_tree,
+                               parametrisation=self.cfg.parametrisation,
+                               max_mult=float(self.cfg.max_mult))
+
+  def expert(self, z_tree, *, name: str, metrics: dict) -> t2jax.Expert:
+    """An Expert artefact from a z tree of this run."""
+    z = {}
+    for layer, z_layer in enumerate(jax.device_get(z_tree)):
+      for block, names in z_layer.items():
+        for proj, vec in names.items():
+          z[svf.hf_module_name(block, proj, layer)] = vec
+    return t2jax.Expert(z=z, fingerprint=self.model.fingerprint,
+                        targets=self.cfg.targets or svf.DEFAULT_TARGETS,
+                        rank=self.cfg.rank or None, parametrisation=self.cfg.parametrisation,
+                        name=name, max_mult=float(self.cfg.max_mult), metrics=metrics)
+
+
+def prepare(cfg) -> Setup:
+  check_config(cfg)
+  rl_settings(cfg)  # validates baseline / kl / logprob_norm names
+  task = make_task(cfg.task, cfg.task_args.to_dict() if hasattr(cfg.task_args, "to_dict")
+                   else cfg.task_args)
+  model = t2jax.load_model(cfg.model or None, dtype=cfg.dtype)
+  dec = svf.decompose(model, cfg.targets or None, cfg.rank or None)
+  return Setup(cfg=cfg, model=model, task=task, dec=dec)

@@ -1,0 +1,197 @@
+"""`python -m t2jax.train --config configs/math.py [--workdir DIR] [--config.key=value ...]`
+
+Trains an SVF expert with REINFORCE (+ KL to the base model). Running the same command on a
+workdir that holds a checkpoint resumes it. Writes to WORKDIR: checkpoints/, metrics.jsonl,
+tb/ (TensorBoard), best_expert/ (best on val), expert/ (exported at the end), plot.png,
+summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from t2jax import checkpoint, data, evaluate, reporting, run_setup, sampling, sharding, trainer
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (NaN loss or reward); the message names the step and what was kept."""
+
+
+def _global(tree, mesh):
+  """This process's rows → global arrays split over the batch axes."""
+  rows = sharding.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)), tree)
+
+
+def _finite(x) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def _load_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def train(cfg, workdir: str, *, progress: bool = True) -> dict:
+  """Runs (or resumes) the training described by `cfg` in `workdir`; returns the summary."""
+  setup = run_setup.prepare(cfg)
+  model, task = setup.model, setup.task
+  lead = jax.process_index() == 0
+  train_recs = list(task.records("train"))  # dataset errors surface before anything is written
+  val_recs = list(task.records("val"))[:cfg.eval_size or None]
+  test_recs = list(task.records("test"))[:cfg.test_size or None]
+  train_prompts = setup.encode(train_recs)
+  config_dict = cfg.to_dict()
+  ckpt = checkpoint.Checkpoints(workdir, keep=cfg.keep_checkpoints)
+  ckpt.check_compatible(config_dict, model.fingerprint)
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  settings = run_setup.rl_settings(cfg)
+  optimizer = trainer.make_optimizer(
+      name=cfg.optimizer, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+      total_steps=cfg.steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+  state = jax.device_put(trainer.init_state(setup.init_z(), optimizer, cfg.seed),
+                         sharding.replicated(mesh))
+  params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
+  factors = jax.device_put(setup.dec.factors, sharding.tree_shardings(setup.dec.factors, mesh))
+  step_fn = trainer.make_step_fn(mesh, params, factors, cfg=model.config, settings=settings,
+                                 optimizer=optimizer)
+  loader = data.RecordLoader(len(train_recs), global_batch=cfg.batch_size, seed=cfg.seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, state)
+    loader.set_state(data_state)
+    print(f"resuming {workdir} from step {start}", file=sys.stderr)
+
+  def score(z_or_none, records):
+    p = params if z_or_none is None else setup.adapted_params(z_or_none)
+    return evaluate.score(p, setup.encode(records), records, task=task, model=model,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+
+  base_path = os.path.join(workdir, "base_scores.json")
+  base = _load_json(base_path)
+  if base is None:  # measured once per workdir, shown beside the expert
+    base = {"val": score(None, val_recs), "test": score(None, test_recs)}
+    if lead:
+      _write_json(base_path, base)
+  best_path = os.path.join(workdir, "best_expert")
+  best_val = -math.inf
+  if os.path.isdir(best_path):
+    best_val = run_setup.t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
+
+  sampler = sampling.Sampler(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
+                             eos_ids=model.eos_ids)
+  log = reporting.RunLog(workdir, total_steps=cfg.steps, start_step=start, enabled=lead,
+                         progress=progress)
+  with log:
+    for step in range(start, cfg.steps):
+      idx = next(loader)
+      t0 = time.perf_counter()
+      got = trainer.collect(
+          setup.adapted_params(state.z), [train_prompts[i] for i in idx],
+          [train_recs[i] for i in idx], task=task, tokenizer=model.tokenizer, cfg=model.config,
+          sampler=sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
+          seed=trainer.rollout_seed(state.rng, step), pad_id=model.pad_id,
+          eos_ids=model.eos_ids)
+      t1 = time.perf_counter()
+      if not _finite(got.rollouts.reward_N):
+        raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
+                            f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
+                            f"{ckpt.directory}.")
+      state, metrics = step_fn(state, _global(got.rollouts, mesh), params, factors)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      t2 = time.perf_counter()
+      if not all(map(math.isfinite, metrics.values())):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        raise TrainingError(f"step {step + 1}: {', '.join(bad)} became non-finite; stopped "
+                            f"without saving it. Last good checkpoint: step "
+                            f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
+                            "config.kl_coef, or set config.grad_clip.")
+      metrics.update(
+          reward=float(np.mean(got.rollouts.reward_N)), train_accuracy=float(np.mean(got.correct)),
+          completion_tokens=got.new_tokens / len(got.texts), rollout_s=t1 - t0,
+          update_s=t2 - t1, tokens_per_s=got.new_tokens / (t2 - t0))
+      log.log_step(step + 1, metrics)
+      done = step + 1 == cfg.steps
+      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
+        val = score(state.z, val_recs)
+        log.log_eval(step + 1, "val", val)
+        if val["accuracy"] > best_val and lead:
+          best_val = val["accuracy"]
+          setup.expert(state.z, name=f"{cfg.task}-best", metrics={
+              "val_accuracy": best_val, "step": step + 1}).save(best_path)
+      if (step + 1) % cfg.checkpoint_every == 0 or done:
+        ckpt.save(step + 1, state, loader.get_state(), config_dict, model.fingerprint)
+  ckpt.wait()
+  ckpt.close()
+  return _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_recs, lead)
+
+
+def _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_recs,
+            lead) -> dict:
+  """Exports the expert (best on val when evaluated, else the last z), scores it on test and
+  writes plot.png and summary.json."""
+  final = run_setup.t2jax.Expert.load(best_path) if os.path.isdir(best_path) else None
+  z = final.z_tree(setup.model) if final is not None else state.z
+  expert_scores = {"val": score(z, val_recs), "test": score(z, test_recs)}
+  rows = {"base": {s: base[s]["accuracy"] for s in ("val", "test")},
+          "expert": {s: expert_scores[s]["accuracy"] for s in ("val", "test")}}
+  summary = {"task": cfg.task, "steps": cfg.steps, "base": base, "expert": expert_scores,
+             "expert_from_step": final.metrics.get("step") if final else int(state.step)}
+  if lead:
+    setup.expert(z, name=cfg.task, metrics={
+        "val_accuracy": rows["expert"]["val"], "test_accuracy": rows["expert"]["test"],
+        "base_val_accuracy": rows["base"]["val"], "base_test_accuracy": rows["base"]["test"],
+        "step": summary["expert_from_step"]}).save(os.path.join(workdir, "expert"))
+    reporting.plot(os.path.join(workdir, reporting.METRICS_FILE),
+                   os.path.join(workdir, "plot.png"),
+                   baselines={"base val accuracy": rows["base"]["val"]})
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    print(reporting.summary_table(rows, ["val", "test"]))
+    print(f"expert: {os.path.join(workdir, 'expert')}")
+  return summary
+
+
+def main(argv=None) -> int:
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
+  flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+  flags.mark_flag_as_required("config")
+
+  def run(_):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    f = flags.FLAGS
+    workdir = f.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0])
+    try:
+      train(f.config, workdir)
+    except (ValueError, TrainingError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(run, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

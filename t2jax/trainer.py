@@ -1,0 +1,136 @@
+"""The RL training state and its two phases: rollouts (sample, score) and the update (one jit).
+
+    state = TrainState(step, z, opt_state, rng)
+    rollouts = collect(model, params_z, prompts, task, records, ...)    # host: sampler + rewards
+    state, metrics = step_fn(state, rollouts, params, factors)         # device: one jax.jit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from t2jax import rl, sampling, sharding, svf
+from t2jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray  # [] int32: updates applied so far
+  z: list  # per layer {block: {name: [r]}}: the only trainable pytree
+  opt_state: Any
+  rng: jnp.ndarray  # uint32 [2]: raw key data, so checkpoints hold a plain array
+
+
+def make_optimizer(*, name: str, lr: float, schedule: str, warmup_steps: int, total_steps: int,
+                   weight_decay: float, grad_clip: float, b1: float = 0.9,
+                   b2: float = 0.999) -> optax.GradientTransformation:
+  if schedule == "constant":
+    lr_fn = optax.constant_schedule(lr)
+  elif schedule in ("cosine", "linear"):
+    decay = max(total_steps - warmup_steps, 1)
+    lr_fn = (optax.cosine_decay_schedule(lr, decay) if schedule == "cosine"
+             else optax.linear_schedule(lr, 0.0, decay))
+  else:
+    raise ValueError(f"schedule {schedule!r} is unknown; use constant, cosine or linear.")
+  if warmup_steps > 0:
+    lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), lr_fn],
+                                 [warmup_steps])
+  if name == "adam":
+    opt = optax.adam(lr_fn, b1=b1, b2=b2)
+  elif name == "adamw":
+    opt = optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"optimizer {name!r} is unknown; use adam or adamw.")
+  return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def init_state(z_tree: list, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  z = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), z_tree)
+  return TrainState(step=jnp.zeros((), jnp.int32), z=z, opt_state=optimizer.init(z),
+                    rng=jax.random.PRNGKey(seed))
+
+
+def _train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
+                cfg: ModelConfig, settings: rl.RLSettings,
+                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  grad_fn = jax.grad(rl.loss_fn, has_aux=True)
+  grads, metrics = grad_fn(state.z, params, factors, batch, cfg=cfg, settings=settings)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.z)
+  z = optax.apply_updates(state.z, updates)
+  metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+  return state.replace(step=state.step + 1, z=z, opt_state=opt_state), metrics
+
+
+def make_step_fn(mesh, params: dict, factors: list, *, cfg: ModelConfig,
+                 settings: rl.RLSettings, optimizer: optax.GradientTransformation) -> Callable:
+  """The update as one jit: state and metrics replicated, rollouts split over the batch axes,
+  params and factors placed by the partition rules; the old state is donated."""
+  rep = sharding.replicated(mesh)
+  rows = sharding.batch_sharding(mesh)
+  return jax.jit(
+      functools.partial(_train_step, cfg=cfg, settings=settings, optimizer=optimizer),
+      in_shardings=(rep, rows, sharding.tree_shardings(params, mesh),
+                    sharding.tree_shardings(factors, mesh)),
+      out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def rollout_seed(state_rng: np.ndarray, step: int) -> int:
+  """An int seed for the sampler, a pure function of the run's key and the step."""
+  key = jax.random.fold_in(jnp.asarray(state_rng, jnp.uint32), step)
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+@dataclasses.dataclass
+class Collected:
+  rollouts: rl.Rollouts  # host (numpy) arrays
+  texts: list[str]  # N completions
+  correct: np.ndarray  # [N] bool
+  new_tokens: int
+
+
+def pad_prompts(prompts: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded [B, P] tokens and mask, P a sampler bucket (few distinct shapes)."""
+  p = sampling.bucket_length(max(len(x) for x in prompts))
+  tokens = np.full((len(prompts), p), pad_id, np.int32)
+  mask = np.zeros((len(prompts), p), bool)
+  for i, x in enumerate(prompts):
+    tokens[i, p - len(x):] = x
+    mask[i, p - len(x):] = True
+  return tokens, mask
+
+
+def collect(params_z: dict, prompts: Sequence[list[int]], records: Sequence[dict], *, task,
+            tokenizer, cfg: ModelConfig, sampler: sampling.Sampler, samples: int, max_new: int,
+            seed: int, pad_id: int, eos_ids: Sequence[int]) -> Collected:
+  """G = `samples` completions per prompt from the policy (params with z materialised), their
+  rewards from the task, packed as rl.Rollouts."""
+  rows = [p for p in prompts for _ in range(samples)]
+  tokens_NxC, _ = sampling.run(params_z, rows, cfg=cfg, sampler=sampler, max_new=max_new,
+                               seed=seed, pad_id=pad_id)
+  mask = tokens_NxC >= 0
+  eos = set(eos_ids)
+  texts, rewards, correct = [], [], []
+  for i, row in enumerate(tokens_NxC):
+    ids = [int(t) for t in row[mask[i]] if int(t) not in eos]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    rec = records[i // samples]
+    texts.append(text)
+    rewards.append(task.reward(rec, text))
+    correct.append(task.correct(rec, text))
+  prompt, prompt_mask = pad_prompts(prompts, pad_id)
+  batch = rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask,
+                      completion_NxC=np.where(mask, tokens_NxC, pad_id).astype(np.int32),
+                      completion_mask_NxC=mask, reward_N=np.asarray(rewards, np.float32))
+  return Collected(rollouts=batch, texts=texts, correct=np.asarray(correct),
+                   new_tokens=int(mask.sum()))
+
+
+materialise = jax.jit(svf.materialise, static_argnames=("parametrisation", "max_mult"))

@@ -1,0 +1,164 @@
+"""rl.py against independent references: numpy baselines and KL, full-sequence logits without
+prefix sharing, the sampler's own log-probs, and a finite-difference gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import t2jax
+from t2jax import rl, sampling, svf, trainer
+from t2jax.models import llama
+
+
+def test_advantages_match_numpy():
+  r = np.array([[1.0, -1.0, -1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [-1.0, 0.5, 2.0, -3.0]], np.float32)
+  np.testing.assert_allclose(rl.advantages(r, "none"), r)
+  np.testing.assert_allclose(rl.advantages(r, "batch_mean"), r - r.mean(), rtol=1e-6)
+  loo = np.stack([[r[b, g] - np.delete(r[b], g).mean() for g in range(4)] for b in range(3)])
+  np.testing.assert_allclose(rl.advantages(r, "leave_one_out"), loo, rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(rl.advantages(r, "leave_one_out"))[1] == 0)  # one reward: no signal
+  with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+    rl.advantages(r[:, :1], "leave_one_out")
+
+
+def test_settings_refuse_unknown_names():
+  with pytest.raises(ValueError, match="baseline 'mean'"):
+    rl.RLSettings(baseline="mean")
+  with pytest.raises(ValueError, match="kl 'reverse'"):
+    rl.RLSettings(kl="reverse")
+
+
+def _rollouts(rng, b=3, g=2, p=7, c=5, vocab=320):
+  prompt = rng.integers(2, vocab - 2, (b, p)).astype(np.int32)
+  mask = np.ones((b, p), bool)
+  for i, n in enumerate([p, p - 3, 2][:b]):  # left padding of different lengths
+    mask[i, : p - n] = False
+    prompt[i, : p - n] = 0
+  completion = rng.integers(2, vocab - 2, (b * g, c)).astype(np.int32)
+  cmask = np.ones((b * g, c), bool)
+  cmask[1, 3:] = False  # a sample that ended early
+  return rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=mask, completion_NxC=completion,
+                     completion_mask_NxC=cmask,
+                     reward_N=rng.choice([-1.0, 1.0], b * g).astype(np.float32))
+
+
+def test_prefix_shared_logits_equal_full_rows(loaded):
+  model, _ = loaded("llama")
+  batch = _rollouts(np.random.default_rng(0))
+  got = np.asarray(rl.completion_logits(model.params, batch, cfg=model.config))
+  g = batch.completion_NxC.shape[0] // batch.prompt_BxP.shape[0]
+  rows = np.concatenate([np.repeat(batch.prompt_BxP, g, 0), batch.completion_NxC], 1)
+  mask = np.concatenate([np.repeat(batch.prompt_mask_BxP, g, 0),
+                         np.ones_like(batch.completion_mask_NxC)], 1)
+  full = np.asarray(llama.full_logits(model.params, rows, mask, cfg=model.config))
+  p = batch.prompt_BxP.shape[1]
+  np.testing.assert_allclose(got, full[:, p - 1:-1], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_equal_the_samplers(loaded):
+  """Rescoring sampled completions gives the log-probs the sampler recorded."""
+  model, _ = loaded("llama")
+  prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+  sampler = sampling.Sampler(temperature=1.0)
+  tokens, logprobs = sampling.run(model.params, [p for p in prompts for _ in range(2)],
+                                  cfg=model.config, sampler=sampler, max_new=6, seed=3)
+  prompt, prompt_mask = trainer.pad_prompts(prompts, 0)
+  batch = rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask,
+                      completion_NxC=np.maximum(tokens, 0), completion_mask_NxC=tokens >= 0,
+                      reward_N=np.zeros(6, np.float32))
+  lp = rl.token_logprobs(rl.completion_logits(model.params, batch, cfg=model.config),
+                         batch.completion_NxC)
+  np.testing.assert_allclose(np.where(tokens >= 0, lp, 0), logprobs, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(loaded):
+  model, _ = loaded("llama")
+  dec = svf.decompose(model, cache=False, progress=False)
+  return model, dec
+
+
+def _z(model, rng, noise):
+  z = t2jax.Expert.init(model).z_tree(model)
+  return jax.tree.map(lambda x: jnp.asarray(x + noise * rng.standard_normal(x.shape),
+                                            jnp.float32), z)
+
+
+@pytest.mark.parametrize("kl", ["exact", "k3"])
+def test_kl_terms_match_numpy(tiny, kl):
+  model, dec = tiny
+  rng = np.random.default_rng(1)
+  batch = _rollouts(rng)
+  z = _z(model, rng, 0.2)
+  settings = rl.RLSettings(kl=kl, kl_coef=0.5, baseline="none", logprob_norm="mean")
+  loss, metrics = rl.loss_fn(z, model.params, dec.factors, batch, cfg=model.config,
+                             settings=settings)
+  adapted = svf.materialise(model.params, dec.factors, z, parametrisation="scale", max_mult=2.0)
+  lp = np.asarray(jax.nn.log_softmax(rl.completion_logits(adapted, batch, cfg=model.config)),
+                  np.float64)
+  lb = np.asarray(jax.nn.log_softmax(rl.completion_logits(model.params, batch,
+                                                          cfg=model.config)), np.float64)
+  y, m = batch.completion_NxC, batch.completion_mask_NxC
+  lp_y = np.take_along_axis(lp, y[..., None], -1)[..., 0]
+  if kl == "exact":
+    kl_t = np.sum(np.exp(lp) * (lp - lb), -1)
+  else:
+    r = np.take_along_axis(lb, y[..., None], -1)[..., 0] - lp_y
+    kl_t = np.exp(r) - 1 - r
+  seq = lambda x: np.sum(np.where(m, x, 0), 1) / m.sum(1)
+  want = -np.mean(batch.reward_N * seq(lp_y)) + 0.5 * np.mean(seq(kl_t))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["kl"]), np.sum(np.where(m, kl_t, 0)) / m.sum(),
+                             rtol=1e-4)
+  assert float(metrics["kl"]) > 0
+
+
+def test_kl_is_zero_at_the_base_model(tiny):
+  model, dec = tiny
+  batch = _rollouts(np.random.default_rng(2))
+  z = _z(model, np.random.default_rng(2), 0.0)
+  _, metrics = rl.loss_fn(z, model.params, dec.factors, batch, cfg=model.config,
+                          settings=rl.RLSettings(kl="exact"))
+  assert abs(float(metrics["kl"])) < 1e-5
+
+
+def test_gradient_matches_finite_differences(tiny):
+  model, dec = tiny
+  rng = np.random.default_rng(3)
+  batch = _rollouts(rng)
+  z = _z(model, rng, 0.1)
+  settings = rl.RLSettings(kl="exact", kl_coef=0.3, baseline="batch_mean")
+  f = lambda z: rl.loss_fn(z, model.params, dec.factors, batch, cfg=model.config,
+                           settings=settings)[0]
+  grad = jax.grad(f)(z)
+  direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), z)
+  eps = 1e-3
+  shifted = lambda s: jax.tree.map(lambda a, d: a + s * eps * d, z, direction)
+  numeric = (float(f(shifted(1))) - float(f(shifted(-1)))) / (2 * eps)
+  analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
+                                                        jax.tree.leaves(direction)))
+  assert abs(analytic) > 1e-3
+  np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def test_train_step_moves_only_z_and_counts(tiny):
+  model, dec = tiny
+  batch = _rollouts(np.random.default_rng(4))
+  opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="cosine", warmup_steps=1,
+                               total_steps=4, weight_decay=0.0, grad_clip=1.0)
+  from t2jax import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh("data:-1")
+  step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=model.config,
+                                 settings=rl.RLSettings(baseline="none"), optimizer=opt)
+  z0 = t2jax.Expert.init(model).z_tree(model)
+  state = trainer.init_state(z0, opt, seed=0)
+  for _ in range(2):
+    state, metrics = step_fn(state, batch, model.params, dec.factors)
+  assert int(state.step) == 2
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state.z),
+                                                             jax.tree.leaves(z0)))
+  assert moved > 1e-4
+  assert np.isfinite(float(metrics["grad_norm"]))

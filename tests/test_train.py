@@ -1,0 +1,211 @@
+"""The training entry point end to end on a tiny random model with the default tokenizer:
+exact resume, what a run writes, refusal of an incompatible workdir, NaN stops, bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+
+import t2jax
+from t2jax import checkpoint, config_defaults, reporting, rl, run_setup, tokenizer, weights
+from t2jax.tasks import TaskError
+from t2jax.tasks.math import Arithmetic
+from t2jax.train import TrainingError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+  """A 2-layer random Llama with the default model's tokenizer and chat template."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  tok = tokenizer.load_tokenizer(weights.default_model_path())
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg)
+  path = str(tmp_path_factory.mktemp("chat_model"))
+  model.save_pretrained(path, safe_serialization=True)
+  tok.save_pretrained(path)
+  return path
+
+
+def tiny_config(model_dir: str, **overrides):
+  c = config_defaults.base_config()
+  c.model = model_dir
+  c.task = "math"
+  c.task_args.level = 1
+  c.task_args.system_prompt = "Add."
+  c.update(steps=4, batch_size=2, samples_per_prompt=2, max_new_tokens=4, temperature=1.0,
+           baseline="none", kl="exact", kl_coef=0.1, lr=1e-2, eval_every=0, eval_size=4,
+           test_size=4, eval_batch_size=4, checkpoint_every=2)
+  c.update(overrides)
+  return c
+
+
+def _z(workdir: str) -> dict:
+  return t2jax.Expert.load(os.path.join(workdir, "expert")).z
+
+
+def test_resumed_run_ends_with_the_z_of_an_uninterrupted_one(chat_model_dir, tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(tiny_config(chat_model_dir), straight, progress=False)
+  train(tiny_config(chat_model_dir, steps=2), resumed, progress=False)
+  train(tiny_config(chat_model_dir), resumed, progress=False)
+  z_a, z_b = _z(straight), _z(resumed)
+  assert z_a.keys() == z_b.keys()
+  for k in z_a:
+    np.testing.assert_array_equal(z_a[k], z_b[k])
+  assert max(np.abs(v - 1.0).max() for v in z_a.values()) > 1e-4  # training moved z
+  for workdir in (straight, resumed):
+    lines = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [d["step"] for d in lines if d["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(d["kl"]) and "rollout_s" in d and "update_s" in d
+               for d in lines if d["kind"] == "train")
+    assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+    with open(os.path.join(workdir, "plot.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    assert set(summary["base"]) == {"val", "test"} and summary["expert"]["test"]["count"] == 4
+  # the exported expert works through the public API
+  model = t2jax.load_model(chat_model_dir)
+  expert = t2jax.Expert.load(os.path.join(resumed, "expert"))
+  assert model.logits([[5, 6, 7]], expert).shape == (1, 3, model.config.vocab_size)
+
+
+def test_eval_keeps_the_best_val_expert(chat_model_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train(tiny_config(chat_model_dir, steps=2, eval_every=1), workdir, progress=False)
+  lines = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  evals = [d for d in lines if d["kind"] == "eval" and d["split"] == "val"]
+  assert [d["step"] for d in evals] == [1, 2]
+  best = t2jax.Expert.load(os.path.join(workdir, "best_expert"))
+  assert best.metrics["val_accuracy"] == max(d["accuracy"] for d in evals)
+  exported = t2jax.Expert.load(os.path.join(workdir, "expert"))
+  assert exported.metrics["step"] == best.metrics["step"]
+
+
+def test_incompatible_workdir_is_refused_and_kept(chat_model_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train(tiny_config(chat_model_dir, steps=2), workdir, progress=False)
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed.*saved 0, now 1"):
+    train(tiny_config(chat_model_dir, steps=4, seed=1), workdir, progress=False)
+  with pytest.raises(checkpoint.CheckpointError, match="parametrisation"):
+    train(tiny_config(chat_model_dir, steps=4, parametrisation="paper"), workdir, progress=False)
+  assert checkpoint.Checkpoints(workdir).latest_step() == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chat_model_dir, tmp_path,
+                                                           monkeypatch):
+  workdir = str(tmp_path / "run")
+  train(tiny_config(chat_model_dir, steps=1, checkpoint_every=1), workdir, progress=False)
+  real = rl.loss_fn
+
+  def poisoned(*args, **kwargs):
+    loss, metrics = real(*args, **kwargs)
+    return loss * float("nan"), {**metrics, "loss": loss * float("nan")}
+
+  monkeypatch.setattr(rl, "loss_fn", poisoned)
+  with pytest.raises(TrainingError, match=r"step 2: .*loss.*Last good checkpoint: step 1"):
+    train(tiny_config(chat_model_dir, steps=3, checkpoint_every=1), workdir, progress=False)
+  assert checkpoint.Checkpoints(workdir).latest_step() == 1
+
+
+def test_nan_reward_stops_before_the_update(chat_model_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(Arithmetic, "reward", lambda self, rec, text: float("nan"))
+  with pytest.raises(TrainingError, match="step 1: the task returned a non-finite reward"):
+    train(tiny_config(chat_model_dir, steps=1), str(tmp_path / "run"), progress=False)
+
+
+def test_missing_dataset_is_reported_before_anything_is_written(chat_model_dir, tmp_path):
+  cfg = tiny_config(chat_model_dir)
+  cfg.task = "gsm8k"
+  cfg.task_args = {"train_path": str(tmp_path / "nope.jsonl"),
+                   "test_path": str(tmp_path / "nope.jsonl")}
+  workdir = tmp_path / "run"
+  with pytest.raises(TaskError, match="nope.jsonl does not exist"):
+    train(cfg, str(workdir), progress=False)
+  assert not workdir.exists()
+
+
+def test_malformed_jsonl_names_file_and_line(chat_model_dir, tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
+  cfg = tiny_config(chat_model_dir)
+  cfg.task = "gsm8k"
+  cfg.task_args = {"train_path": str(path), "test_path": str(path)}
+  with pytest.raises(TaskError, match=r"train.jsonl:2: not valid JSON"):
+    train(cfg, str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, "batch_size must be >= 1"),
+    ("temperature", -1.0, "temperature must be >= 0"),
+    ("eval_every", -1, "eval_every must be >= 0"),
+])
+def test_bad_config_values_are_named(key, value, message):
+  cfg = config_defaults.base_config()
+  cfg[key] = value
+  with pytest.raises(run_setup.ConfigValueError, match=message):
+    run_setup.check_config(cfg)
+
+
+def test_leave_one_out_needs_several_samples():
+  cfg = config_defaults.base_config()
+  cfg.update(samples_per_prompt=1, temperature=0.0)
+  with pytest.raises(run_setup.ConfigValueError, match="leave_one_out"):
+    run_setup.check_config(cfg)
+
+
+def test_unknown_task_setting_is_named():
+  from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(TaskError, match=r"no setting\(s\) \['levle'\]"):
+    make_task("math", {"levle": 2})
+
+
+def _load_config(name: str):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("name", ["math.py", "paper_gsm8k.py"])
+def test_config_files_hold_their_command_and_every_key(name):
+  module = _load_config(name)
+  assert f"python -m t2jax.train --config configs/{name}" in module.__doc__
+  cfg = module.get_config()
+  assert set(cfg.keys()) == set(config_defaults.base_config().keys())
+  run_setup.check_config(cfg)
+
+
+def test_paper_config_is_the_official_recipe():
+  cfg = _load_config("paper_gsm8k.py").get_config()
+  assert (cfg.parametrisation, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.batch_size,
+          cfg.samples_per_prompt, cfg.temperature, cfg.baseline, cfg.kl,
+          cfg.logprob_norm) == ("paper", "adam", 2e-3, 1e-3, 256, 1, 0.0, "none", "off", "sum")
+  assert cfg.targets == r"mlp/(gate|up|down)_proj"
+
+
+def test_cli_refuses_an_unknown_config_key(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "t2jax.train", "--config", os.path.join(ROOT, "configs/math.py"),
+       "--config.no_such_key=1", "--workdir", str(tmp_path / "run")],
+      capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+  assert out.returncode != 0
+  assert "no_such_key" in out.stderr
+  assert not (tmp_path / "run").exists()
