@@ -16,10 +16,10 @@ def get_config():
   c.batch_size = 16
   c.samples_per_prompt = 4
   c.max_new_tokens = 16
-  c.temperature = 1.0
+  c.temperature = 0.6  # at 1.0 the 135M model solves ~3 % of samples: too little signal
   c.kl = "exact"
   c.kl_coef = 0.01
-  c.lr = 2e-3
+  c.lr = 5e-3  # z moves ~0.5 % per step: the format and the sums improve within 10 steps
   c.eval_every = 10
   c.eval_size = 128
   c.test_size = 256

@@ -36,8 +36,23 @@ def score(params: dict, prompts: Sequence[list[int]], records: Sequence[dict], *
           "count": len(records)}
 
 
+def _evaluate(f) -> dict:
+  import t2jax  # pylint: disable=import-outside-toplevel
+  from t2jax import run_setup  # pylint: disable=import-outside-toplevel
+
+  cfg = f.config
+  setup = run_setup.prepare(cfg)
+  records = list(setup.task.records(f.split))[:f.limit or None]
+  params = setup.model.params
+  if f.expert:
+    params = setup.adapted_params(t2jax.Expert.load(f.expert).z_tree(setup.model))
+  result = score(params, setup.encode(records), records, task=setup.task, model=setup.model,
+                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+  return {"split": f.split, "expert": f.expert, **result}
+
+
 def main(argv=None) -> int:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
@@ -47,21 +62,12 @@ def main(argv=None) -> int:
   flags.mark_flag_as_required("config")
 
   def run(_):
-    import t2jax  # pylint: disable=import-outside-toplevel
-    from t2jax import run_setup  # pylint: disable=import-outside-toplevel
-
-    cfg = flags.FLAGS.config
-    setup = run_setup.prepare(cfg)
-    records = list(setup.task.records(flags.FLAGS.split))
-    if flags.FLAGS.limit:
-      records = records[:flags.FLAGS.limit]
-    params = setup.model.params
-    if flags.FLAGS.expert:
-      expert = t2jax.Expert.load(flags.FLAGS.expert)
-      params = setup.adapted_params(expert.z_tree(setup.model))
-    result = score(params, setup.encode(records), records, task=setup.task, model=setup.model,
-                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    print(json.dumps({"split": flags.FLAGS.split, "expert": flags.FLAGS.expert, **result}))
+    logging.set_verbosity(logging.WARNING)
+    try:
+      print(json.dumps(_evaluate(flags.FLAGS)))
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
 
   app.run(run, argv=argv)
   return 0
