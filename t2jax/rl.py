@@ -9,6 +9,10 @@ A step scores B prompts × G samples. The G samples of a prompt share its prefix
 runs once per prompt (B rows), its KV cache is repeated G times and only the completions run
 per sample. That is exact (the same attention, the same positions) and cuts the update to
 B·P + B·G·C tokens instead of B·G·(P + C).
+
+Log-probs are those of π_z itself (temperature 1) even when rollouts are drawn at another
+temperature, as in the official code: the sampling temperature only chooses which completions
+are scored.
 """
 
 from __future__ import annotations
@@ -87,8 +91,8 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig) -> jnp
   cache = jax.tree.map(rep, cache)
   # completion token t sits at position len(prompt) + t; the last token predicts nothing
   start_N = rep(positions[:, -1] + 1)
-  tokens_Nx = batch.completion_NxC[:, :-1]
-  hidden_rest, _ = llama.forward(params, tokens_Nx, start_N[:, None] + jnp.arange(c - 1), cache,
+  inputs_NxC1 = batch.completion_NxC[:, :-1]
+  hidden_rest, _ = llama.forward(params, inputs_NxC1, start_N[:, None] + jnp.arange(c - 1), cache,
                                  jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg)
   return llama.lm_head(params, jnp.concatenate([hidden_first_Nx1xD, hidden_rest], axis=1))
 

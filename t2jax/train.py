@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+import t2jax
 from t2jax import checkpoint, data, evaluate, reporting, run_setup, sampling, sharding, trainer
 
 
@@ -95,7 +96,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   best_path = os.path.join(workdir, "best_expert")
   best_val = -math.inf
   if os.path.isdir(best_path):
-    best_val = run_setup.t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
+    best_val = t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
 
   sampler = sampling.Sampler(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
                              eos_ids=model.eos_ids)
@@ -149,7 +150,7 @@ def _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_r
             lead) -> dict:
   """Exports the expert (best on val when evaluated, else the last z), scores it on test and
   writes plot.png and summary.json."""
-  final = run_setup.t2jax.Expert.load(best_path) if os.path.isdir(best_path) else None
+  final = t2jax.Expert.load(best_path) if os.path.isdir(best_path) else None
   z = final.z_tree(setup.model) if final is not None else state.z
   expert_scores = {"val": score(z, val_recs), "test": score(z, test_recs)}
   rows = {"base": {s: base[s]["accuracy"] for s in ("val", "test")},
@@ -181,8 +182,9 @@ def main(argv=None) -> int:
   def run(_):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     f = flags.FLAGS
+    config_file = config_flags.get_config_filename(f["config"])
     workdir = f.workdir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0])
+        "runs", os.path.splitext(os.path.basename(config_file))[0])
     try:
       train(f.config, workdir)
     except (ValueError, TrainingError, FileNotFoundError) as e:
