@@ -42,7 +42,7 @@ def _evaluate(f) -> dict:
 
   cfg = f.config
   setup = run_setup.prepare(cfg)
-  records = list(setup.task.records(f.split))[:f.limit or None]
+  records = run_setup.eval_subset(setup.task.records(f.split), f.limit)
   params = setup.model.params
   if f.expert:
     params = setup.adapted_params(t2jax.Expert.load(f.expert).z_tree(setup.model))
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
   flags.DEFINE_string("expert", None, "expert directory (default: the base model)")
   flags.DEFINE_string("split", "test", "train | val | test")
-  flags.DEFINE_integer("limit", 0, "evaluate only the first N records (0 = all)")
+  flags.DEFINE_integer("limit", 0, "evaluate N records drawn as training does (0 = all)")
   flags.mark_flag_as_required("config")
 
   def run(_):

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 import t2jax
 from t2jax import rl, svf, trainer
@@ -37,6 +38,16 @@ def check_config(cfg) -> None:
   if cfg.samples_per_prompt > 1 and cfg.temperature == 0:
     raise ConfigValueError("config.samples_per_prompt > 1 with temperature 0 draws identical "
                            "samples; set config.temperature > 0 or samples_per_prompt=1.")
+
+
+def eval_subset(records, size: int) -> list:
+  """`size` records (0 = all) drawn evenly: splits are stored in a sorted order (arithmetic by
+  operand), so the first N would be a biased sample. Fixed seed: every run scores the same."""
+  records = list(records)
+  if not size or size >= len(records):
+    return records
+  keep = np.sort(np.random.default_rng(0).permutation(len(records))[:size])
+  return [records[i] for i in keep]
 
 
 def rl_settings(cfg) -> rl.RLSettings:

@@ -55,8 +55,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   model, task = setup.model, setup.task
   lead = jax.process_index() == 0
   train_recs = list(task.records("train"))  # dataset errors surface before anything is written
-  val_recs = list(task.records("val"))[:cfg.eval_size or None]
-  test_recs = list(task.records("test"))[:cfg.test_size or None]
+  val_recs = run_setup.eval_subset(task.records("val"), cfg.eval_size)
+  test_recs = run_setup.eval_subset(task.records("test"), cfg.test_size)
   train_prompts = setup.encode(train_recs)
   config_dict = cfg.to_dict()
   ckpt = checkpoint.Checkpoints(workdir, keep=cfg.keep_checkpoints)

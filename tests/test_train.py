@@ -209,3 +209,11 @@ def test_cli_refuses_an_unknown_config_key(tmp_path):
   assert out.returncode != 0
   assert "no_such_key" in out.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_eval_subset_is_fixed_and_not_the_sorted_head():
+  records = [{"i": i} for i in range(100)]
+  a, b = run_setup.eval_subset(records, 10), run_setup.eval_subset(records, 10)
+  assert a == b and len(a) == 10 and len({r["i"] for r in a}) == 10
+  assert max(r["i"] for r in a) >= 50  # drawn across the split, not records[:10]
+  assert run_setup.eval_subset(records, 0) == records
