@@ -52,7 +52,7 @@ def _evaluate(f) -> dict:
 
 
 def main(argv=None) -> int:
-  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
@@ -61,16 +61,9 @@ def main(argv=None) -> int:
   flags.DEFINE_integer("limit", 0, "evaluate N records drawn as training does (0 = all)")
   flags.mark_flag_as_required("config")
 
-  def run(_):
-    logging.set_verbosity(logging.WARNING)
-    try:
-      print(json.dumps(_evaluate(flags.FLAGS)))
-    except (ValueError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  from t2jax import run_setup  # pylint: disable=import-outside-toplevel
 
-  app.run(run, argv=argv)
-  return 0
+  return run_setup.run_cli(lambda f: print(json.dumps(_evaluate(f))), argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ SVD factors and the prompt encoder built from it."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -106,3 +107,20 @@ def prepare(cfg) -> Setup:
   model = t2jax.load_model(cfg.model or None, dtype=cfg.dtype)
   dec = svf.decompose(model, cfg.targets or None, cfg.rank or None)
   return Setup(cfg=cfg, model=model, task=task, dec=dec)
+
+
+def run_cli(body, argv=None, errors: tuple = (ValueError, FileNotFoundError)) -> int:
+  """absl's app.run around body(FLAGS) for the entry points: INFO logs off (orbax logs every
+  save at INFO), and a user error printed as one `error: ...` line with exit status 2."""
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+
+  def run(_):
+    logging.set_verbosity(logging.WARNING)
+    try:
+      body(flags.FLAGS)
+    except errors as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(run, argv=argv)
+  return 0

@@ -172,27 +172,19 @@ def _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_r
 
 
 def main(argv=None) -> int:
-  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
   flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
   flags.mark_flag_as_required("config")
 
-  def run(_):
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    f = flags.FLAGS
+  def run(f):
     config_file = config_flags.get_config_filename(f["config"])
-    workdir = f.workdir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(config_file))[0])
-    try:
-      train(f.config, workdir)
-    except (ValueError, TrainingError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+    train(f.config, f.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_file))[0]))
 
-  app.run(run, argv=argv)
-  return 0
+  return run_setup.run_cli(run, argv, errors=(ValueError, TrainingError, FileNotFoundError))
 
 
 if __name__ == "__main__":
