@@ -1,5 +1,5 @@
-"""Atomic directory writes: the new directory appears whole or not at all, and an existing one
-at the same path is replaced only once its successor is complete."""
+"""Atomic writes of directories and files: the new one appears whole or not at all, and an
+existing one at the same path is replaced only once its successor is complete."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -29,3 +29,29 @@ def write_dir(path: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_file(path: str, write: Callable[[str], None]) -> None:
+  """Calls `write(tmp)` on a temp file beside `path`, then renames it over `path`."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  base = os.path.basename(path)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1])
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """`text` to `path` atomically, synced to disk before the rename."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+  write_file(path, write)

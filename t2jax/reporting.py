@@ -6,13 +6,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
+
+from t2jax import atomic
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -56,31 +57,6 @@ def _line(record: dict[str, Any]) -> str:
   return json.dumps(record, allow_nan=False) + "\n"
 
 
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp)` on a temp file beside `path`, then renames it over `path`."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  base = os.path.basename(path)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-  _write_atomic(path, write)
-
-
 def _iter_lines(path: str) -> Iterator[tuple[int, str, dict | None]]:
   """(line number, raw line, parsed dict or None when malformed) for each non-blank line."""
   with open(path, encoding="utf-8") as f:
@@ -122,7 +98,7 @@ def _truncate_after(path: str, start_step: int) -> None:
     else:
       kept.append(raw if raw.endswith("\n") else raw + "\n")
   if dropped:
-    _write_text(path, "".join(kept))
+    atomic.write_text(path, "".join(kept))
 
 
 class RunLog:
@@ -141,7 +117,7 @@ class RunLog:
       if start_step > 0:
         _truncate_after(self.path, start_step)
       else:
-        _write_text(self.path, "")
+        atomic.write_text(self.path, "")
     self._file = open(self.path, "a", encoding="utf-8")
     # purge_step hides events a crashed run wrote past the checkpoint we resume from.
     self._tb = SummaryWriter(os.path.join(workdir, TB_DIR), flush_secs=30,
@@ -264,7 +240,7 @@ def plot(metrics_path: str, out_png: str, *, baselines: dict[str, float] | None 
   if evals or baselines:
     ax_a.legend(loc="best")
 
-  _write_atomic(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  atomic.write_file(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
   return out_png
 
 

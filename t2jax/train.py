@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import checkpoint, data, evaluate, reporting, run_setup, sampling, sharding, trainer
+from t2jax import atomic, checkpoint, data, evaluate, reporting, run_setup, sampling, sharding, trainer
 
 
 class TrainingError(RuntimeError):
@@ -43,10 +43,7 @@ def _load_json(path: str) -> dict | None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(obj, indent=1))
 
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
