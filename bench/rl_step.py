@@ -57,7 +57,7 @@ def main() -> None:
   step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=cfg, settings=settings,
                                  optimizer=optimizer)
   z_tree = expert.z_tree(model)
-  params_z = trainer.materialise(model.params, dec.factors, z_tree, parametrisation="scale",
+  params_z = svf.materialise_jit(model.params, dec.factors, z_tree, parametrisation="scale",
                                  max_mult=2.0)
   sampler = sampling.Sampler(temperature=1.0, eos_ids=model.eos_ids)
   collect = lambda: trainer.collect(

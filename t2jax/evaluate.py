@@ -19,7 +19,6 @@ def score(params: dict, prompts: Sequence[list[int]], records: Sequence[dict], *
   """Greedy completions for every record (prompts: its token ids, records in the same order);
   returns accuracy, mean reward and count. `params` may hold a materialised expert."""
   sampler = sampling.Sampler(temperature=0.0, eos_ids=model.eos_ids)
-  eos = set(model.eos_ids)
   correct, rewards = [], []
   for start in range(0, len(records), batch_size):
     chunk = list(prompts[start:start + batch_size])
@@ -27,8 +26,8 @@ def score(params: dict, prompts: Sequence[list[int]], records: Sequence[dict], *
     chunk += [chunk[-1]] * (batch_size - n)  # one shape per eval: pad the last batch
     tokens, _ = sampling.run(params, chunk, cfg=model.config, sampler=sampler,
                              max_new=max_new_tokens, pad_id=model.pad_id)
-    for row, rec in zip(tokens[:n], records[start:start + n]):
-      ids = [int(t) for t in row if t >= 0 and int(t) not in eos]
+    for ids, rec in zip(sampling.completion_ids(tokens[:n], model.eos_ids),
+                        records[start:start + n]):
       text = model.tokenizer.decode(ids, skip_special_tokens=True)
       correct.append(task.correct(rec, text))
       rewards.append(task.reward(rec, text))

@@ -162,7 +162,6 @@ class Expert:
 # ---------------------------------------------------------------------------------------------
 # Binding experts to a batch: which params, adapters and projection the forward pass uses.
 
-_materialise = jax.jit(svf.materialise, static_argnames=("parametrisation", "max_mult"))
 _row_adapters = jax.jit(svf.row_adapters, static_argnames=("parametrisation", "max_mult"))
 _MATERIALISED_KEPT = 2  # materialised experts memoised per model (each costs the targets' size)
 
@@ -179,7 +178,7 @@ def _materialised(model, expert: Expert, dec: svf.Decomposition) -> dict:
          _z_digest(expert))
   memo = model.cache.setdefault("materialised", collections.OrderedDict())
   if key not in memo:
-    memo[key] = _materialise(model.params, dec.factors, expert.z_tree(model),
+    memo[key] = svf.materialise_jit(model.params, dec.factors, expert.z_tree(model),
                              parametrisation=expert.parametrisation, max_mult=expert.max_mult)
     while len(memo) > _MATERIALISED_KEPT:
       memo.popitem(last=False)

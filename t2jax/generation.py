@@ -71,14 +71,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int, min_new_tokens: int 
   tokens, logprobs = sampling.run(params, token_prompts, cfg=model.config, sampler=sampler,
                                   max_new=max_new_tokens, min_new=min_new_tokens, seed=seed,
                                   pad_id=model.pad_id, adapters=adapters, linear=linear)
-  eos = set(model.eos_ids)
-  ids, lps = [], []
-  for row_t, row_l in zip(tokens, logprobs):
-    n = 0
-    while n < len(row_t) and row_t[n] >= 0 and row_t[n] not in eos:
-      n += 1
-    ids.append([int(t) for t in row_t[:n]])
-    lps.append([float(x) for x in row_l[:n]])
+  ids = sampling.completion_ids(tokens, model.eos_ids)
+  lps = [[float(x) for x in row_l[:len(row_ids)]] for row_ids, row_l in zip(ids, logprobs)]
   texts = ([model.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
            if model.tokenizer is not None else [""] * len(ids))
   return Generation(texts=texts, token_ids=ids, logprobs=lps)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import rl, svf, trainer
+from t2jax import rl, svf
 from t2jax.tasks import make_task
 from t2jax.tokenizer import encode_chats
 
@@ -82,7 +82,7 @@ class Setup:
     return expert.z_tree(self.model)
 
   def adapted_params(self, z_tree: list) -> dict:
-    return trainer.materialise(self.model.params, self.dec.factors, z_tree,
+    return svf.materialise_jit(self.model.params, self.dec.factors, z_tree,
                                parametrisation=self.cfg.parametrisation,
                                max_mult=float(self.cfg.max_mult))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -139,18 +140,39 @@ def decode(params, state: DecodeState, adapters=None, *, cfg: ModelConfig, sampl
   return jax.lax.while_loop(cond, body, state)
 
 
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [B, P] and mask [B, P], left-padded so every row ends at slot P - 1; P is a
+  bucket_length, so batches of similar prompts share compiled programs."""
+  p = bucket_length(max(len(x) for x in prompts))
+  tokens = np.full((len(prompts), p), pad_id, np.int32)
+  mask = np.zeros((len(prompts), p), bool)
+  for i, x in enumerate(prompts):
+    tokens[i, p - len(x):] = x
+    mask[i, p - len(x):] = True
+  return tokens, mask
+
+
+def completion_ids(tokens_NxC: np.ndarray, eos_ids: Sequence[int]) -> list[list[int]]:
+  """Each row's generated tokens up to and excluding EOS (the sampler writes -1 after a row
+  ends)."""
+  eos = set(eos_ids)
+  out = []
+  for row in tokens_NxC:
+    n = 0
+    while n < len(row) and row[n] >= 0 and int(row[n]) not in eos:
+      n += 1
+    out.append([int(t) for t in row[:n]])
+  return out
+
+
 def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler, max_new: int,
         min_new: int = 0, seed: int = 0, pad_id: int = 0, adapters=None,
         linear: llama.Linear = llama.plain_linear) -> tuple[np.ndarray, np.ndarray]:
   """Generates for token-id prompts (validated by the caller). Returns host arrays
   tokens [B, N] (-1 after the end) and logprobs [B, N]."""
   b = len(prompts)
-  t = bucket_length(max(len(p) for p in prompts))
-  tokens = np.full((b, t), pad_id, np.int32)
-  mask = np.zeros((b, t), bool)
-  for i, p in enumerate(prompts):  # left padding: every row ends at slot t - 1
-    tokens[i, t - len(p):] = p
-    mask[i, t - len(p):] = True
+  tokens, mask = left_pad(prompts, pad_id)
+  t = tokens.shape[1]
   new_bucket = -(-max_new // 64) * 64
   limit = np.full((b,), max_new, np.int32)
   state = prefill(params, tokens, mask, limit, min_new, jax.random.key(seed), adapters, cfg=cfg,

@@ -230,6 +230,10 @@ def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: s
   return {**params, "layers": layers}
 
 
+# Jitted once here: the entry points (expert binding, rollouts, evaluation) share its compile cache.
+materialise_jit = jax.jit(materialise, static_argnames=("parametrisation", "max_mult"))
+
+
 def row_adapters(factors: list, z_rows: list, *, parametrisation: str, max_mult: float) -> list:
   """Per-layer adapters for `factored_linear`: z_rows[layer][block][name] is [B, r]."""
   out = []

@@ -52,9 +52,10 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   model, task = setup.model, setup.task
   lead = jax.process_index() == 0
   train_recs = list(task.records("train"))  # dataset errors surface before anything is written
-  val_recs = run_setup.eval_subset(task.records("val"), cfg.eval_size)
-  test_recs = run_setup.eval_subset(task.records("test"), cfg.test_size)
-  train_prompts = setup.encode(train_recs)
+  eval_recs = {"val": run_setup.eval_subset(task.records("val"), cfg.eval_size),
+               "test": run_setup.eval_subset(task.records("test"), cfg.test_size)}
+  train_prompts = setup.encode(train_recs)  # tokenised once per run
+  eval_prompts = {split: setup.encode(recs) for split, recs in eval_recs.items()}
   config_dict = cfg.to_dict()
   ckpt = checkpoint.Checkpoints(workdir, keep=cfg.keep_checkpoints)
   ckpt.check_compatible(config_dict, model.fingerprint)
@@ -79,15 +80,15 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     loader.set_state(data_state)
     print(f"resuming {workdir} from step {start}", file=sys.stderr)
 
-  def score(z_or_none, records):
+  def score(z_or_none, split: str):
     p = params if z_or_none is None else setup.adapted_params(z_or_none)
-    return evaluate.score(p, setup.encode(records), records, task=task, model=model,
+    return evaluate.score(p, eval_prompts[split], eval_recs[split], task=task, model=model,
                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
 
   base_path = os.path.join(workdir, "base_scores.json")
   base = _load_json(base_path)
   if base is None:  # measured once per workdir, shown beside the expert
-    base = {"val": score(None, val_recs), "test": score(None, test_recs)}
+    base = {"val": score(None, "val"), "test": score(None, "test")}
     if lead:
       _write_json(base_path, base)
   best_path = os.path.join(workdir, "best_expert")
@@ -130,7 +131,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
       log.log_step(step + 1, metrics)
       done = step + 1 == cfg.steps
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
-        val = score(state.z, val_recs)
+        val = score(state.z, "val")
         log.log_eval(step + 1, "val", val)
         if val["accuracy"] > best_val and lead:
           best_val = val["accuracy"]
@@ -140,16 +141,15 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
         ckpt.save(step + 1, state, loader.get_state(), config_dict, model.fingerprint)
   ckpt.wait()
   ckpt.close()
-  return _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_recs, lead)
+  return _finish(cfg, workdir, setup, state, base, best_path, score, lead)
 
 
-def _finish(cfg, workdir, setup, state, base, best_path, score, val_recs, test_recs,
-            lead) -> dict:
+def _finish(cfg, workdir, setup, state, base, best_path, score, lead) -> dict:
   """Exports the expert (best on val when evaluated, else the last z), scores it on test and
   writes plot.png and summary.json."""
   final = t2jax.Expert.load(best_path) if os.path.isdir(best_path) else None
   z = final.z_tree(setup.model) if final is not None else state.z
-  expert_scores = {"val": score(z, val_recs), "test": score(z, test_recs)}
+  expert_scores = {"val": score(z, "val"), "test": score(z, "test")}
   rows = {"base": {s: base[s]["accuracy"] for s in ("val", "test")},
           "expert": {s: expert_scores[s]["accuracy"] for s in ("val", "test")}}
   summary = {"task": cfg.task, "steps": cfg.steps, "base": base, "expert": expert_scores,

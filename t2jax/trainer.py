@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t2jax import rl, sampling, sharding, svf
+from t2jax import rl, sampling, sharding
 from t2jax.models.config import ModelConfig
 
 
@@ -96,17 +96,6 @@ class Collected:
   new_tokens: int
 
 
-def pad_prompts(prompts: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded [B, P] tokens and mask, P a sampler bucket (few distinct shapes)."""
-  p = sampling.bucket_length(max(len(x) for x in prompts))
-  tokens = np.full((len(prompts), p), pad_id, np.int32)
-  mask = np.zeros((len(prompts), p), bool)
-  for i, x in enumerate(prompts):
-    tokens[i, p - len(x):] = x
-    mask[i, p - len(x):] = True
-  return tokens, mask
-
-
 def collect(params_z: dict, prompts: Sequence[list[int]], records: Sequence[dict], *, task,
             tokenizer, cfg: ModelConfig, sampler: sampling.Sampler, samples: int, max_new: int,
             seed: int, pad_id: int, eos_ids: Sequence[int]) -> Collected:
@@ -116,21 +105,15 @@ def collect(params_z: dict, prompts: Sequence[list[int]], records: Sequence[dict
   tokens_NxC, _ = sampling.run(params_z, rows, cfg=cfg, sampler=sampler, max_new=max_new,
                                seed=seed, pad_id=pad_id)
   mask = tokens_NxC >= 0
-  eos = set(eos_ids)
-  texts, rewards, correct = [], [], []
-  for i, row in enumerate(tokens_NxC):
-    ids = [int(t) for t in row[mask[i]] if int(t) not in eos]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    rec = records[i // samples]
-    texts.append(text)
-    rewards.append(task.reward(rec, text))
-    correct.append(task.correct(rec, text))
-  prompt, prompt_mask = pad_prompts(prompts, pad_id)
+  texts = [tokenizer.decode(ids, skip_special_tokens=True)
+           for ids in sampling.completion_ids(tokens_NxC, eos_ids)]
+  recs = [records[i // samples] for i in range(len(texts))]
+  rewards = [task.reward(rec, text) for rec, text in zip(recs, texts)]
+  correct = [task.correct(rec, text) for rec, text in zip(recs, texts)]
+  prompt, prompt_mask = sampling.left_pad(prompts, pad_id)
   batch = rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask,
                       completion_NxC=np.where(mask, tokens_NxC, pad_id).astype(np.int32),
                       completion_mask_NxC=mask, reward_N=np.asarray(rewards, np.float32))
   return Collected(rollouts=batch, texts=texts, correct=np.asarray(correct),
                    new_tokens=int(mask.sum()))
 
-
-materialise = jax.jit(svf.materialise, static_argnames=("parametrisation", "max_mult"))

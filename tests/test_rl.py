@@ -65,7 +65,7 @@ def test_logprobs_equal_the_samplers(loaded):
   sampler = sampling.Sampler(temperature=1.0)
   tokens, logprobs = sampling.run(model.params, [p for p in prompts for _ in range(2)],
                                   cfg=model.config, sampler=sampler, max_new=6, seed=3)
-  prompt, prompt_mask = trainer.pad_prompts(prompts, 0)
+  prompt, prompt_mask = sampling.left_pad(prompts, 0)
   batch = rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask,
                       completion_NxC=np.maximum(tokens, 0), completion_mask_NxC=tokens >= 0,
                       reward_N=np.zeros(6, np.float32))
