@@ -69,7 +69,8 @@ def main() -> None:
   batch = got.rollouts
   # every completion padded to the full max_new tokens, so both sides see the same shapes
   batch = batch.replace(completion_mask_NxC=np.ones_like(batch.completion_mask_NxC))
-  state = trainer.init_state(z_tree, optimizer, seed=0)
+  # placed as train.py places it: an uncommitted state would compile the update a second time
+  state = jax.device_put(trainer.init_state(z_tree, optimizer, seed=0), sharding.replicated(mesh))
 
   def update():
     nonlocal state
