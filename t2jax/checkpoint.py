@@ -1,5 +1,5 @@
-"""Training checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints holding the train
-state (z, optimizer state, step, rng), the data iterator state and the run's config.
+"""Training checkpoints: an orbax CheckpointManager (in WORKDIR/checkpoints, or any path orbax
+can write, such as gs://bucket/run on a pod) holding the train state (z, optimizer state, step, rng), the data iterator state and the run's config.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous checkpoint as the latest. A workdir whose checkpoint was made by
@@ -25,8 +25,8 @@ class CheckpointError(ValueError):
 
 
 class Checkpoints:
-  def __init__(self, workdir: str, *, keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  def __init__(self, directory: str, *, keep: int = 2):
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

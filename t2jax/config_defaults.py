@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline = "leave_one_out"  # none | batch_mean | leave_one_out
   c.kl = "exact"  # off | exact (full-vocabulary KL(π_z‖π_base)) | k3
   c.kl_coef = 0.05
+  c.microbatches = 1  # gradient accumulation: the update runs batch_size / this prompts at a time
   c.logprob_norm = "sum"  # sum | mean (length-normalised sequence log-prob)
   # optimizer
   c.optimizer = "adam"  # adam | adamw
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 64
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
+  c.checkpoint_dir = ""  # "" = WORKDIR/checkpoints; a gs:// path on a pod (shared by workers)
   c.mesh = "data:-1,fsdp:1,tensor:1"
   c.seed = 0
   return c

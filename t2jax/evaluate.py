@@ -9,29 +9,40 @@ import json
 import sys
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from t2jax import sampling
+from t2jax import sampling, sharding
 
 
 def score(params: dict, prompts: Sequence[list[int]], records: Sequence[dict], *, task, model,
-          max_new_tokens: int, batch_size: int) -> dict[str, float]:
+          max_new_tokens: int, batch_size: int, mesh=None) -> dict[str, float]:
   """Greedy completions for every record (prompts: its token ids, records in the same order);
-  returns accuracy, mean reward and count. `params` may hold a materialised expert."""
+  returns accuracy, mean reward and count. `params` may hold a materialised expert.
+
+  With a `mesh` (params placed on it), every process passes all records: each batch is split
+  over the mesh's batch axes, each process scores its rows and the sums are shared."""
   sampler = sampling.Sampler(temperature=0.0, eos_ids=model.eos_ids)
-  correct, rewards = [], []
+  index, count = (0, 1) if mesh is None else sharding.process_rows(mesh, batch_size)
+  per = batch_size // count
+  prompt_len = sampling.bucket_length(max(len(p) for p in prompts))  # agreed by every process
+  totals = np.zeros(2)  # correct, reward over this process's real rows
   for start in range(0, len(records), batch_size):
     chunk = list(prompts[start:start + batch_size])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)  # one shape per eval: pad the last batch
-    tokens, _ = sampling.run(params, chunk, cfg=model.config, sampler=sampler,
-                             max_new=max_new_tokens, pad_id=model.pad_id)
-    for ids, rec in zip(sampling.completion_ids(tokens[:n], model.eos_ids),
-                        records[start:start + n]):
+    real = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - real)  # one shape per eval: pad the last batch
+    lo = index * per
+    tokens, _ = sampling.run(params, chunk[lo:lo + per], cfg=model.config, sampler=sampler,
+                             max_new=max_new_tokens, pad_id=model.pad_id, mesh=mesh,
+                             prompt_len=prompt_len)
+    mine = range(lo, min(lo + per, real))
+    for i, ids in zip(mine, sampling.completion_ids(tokens[:len(mine)], model.eos_ids)):
       text = model.tokenizer.decode(ids, skip_special_tokens=True)
-      correct.append(task.correct(rec, text))
-      rewards.append(task.reward(rec, text))
-  return {"accuracy": float(np.mean(correct)), "reward": float(np.mean(rewards)),
+      rec = records[start + i]
+      totals += (task.correct(rec, text), task.reward(rec, text))
+  if mesh is not None:
+    totals = sharding.batch_sum(totals, mesh, batch_size)
+  return {"accuracy": float(totals[0] / len(records)), "reward": float(totals[1] / len(records)),
           "count": len(records)}
 
 
@@ -42,11 +53,13 @@ def _evaluate(f) -> dict:
   cfg = f.config
   setup = run_setup.prepare(cfg)
   records = run_setup.eval_subset(setup.task.records(f.split), f.limit)
-  params = setup.model.params
+  setup.place(sharding.make_mesh(cfg.mesh))
+  params = setup.params
   if f.expert:
     params = setup.adapted_params(t2jax.Expert.load(f.expert).z_tree(setup.model))
   result = score(params, setup.encode(records), records, task=setup.task, model=setup.model,
-                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                 mesh=setup.mesh)
   return {"split": f.split, "expert": f.expert, **result}
 
 
@@ -62,7 +75,12 @@ def main(argv=None) -> int:
 
   from t2jax import run_setup  # pylint: disable=import-outside-toplevel
 
-  return run_setup.run_cli(lambda f: print(json.dumps(_evaluate(f))), argv)
+  def run(f):
+    result = _evaluate(f)
+    if jax.process_index() == 0:
+      print(json.dumps(result))
+
+  return run_setup.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from t2jax.models.config import ModelConfig
 BASELINES = ("none", "batch_mean", "leave_one_out")
 KL_ESTIMATORS = ("off", "exact", "k3")
 NORMALISATIONS = ("sum", "mean")
+# loss_fn metrics that are means over completion tokens (the rest are means over rows)
+PER_TOKEN_METRICS = ("logp_per_token", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +109,38 @@ def token_logprobs(logits_NxCxV: jnp.ndarray, tokens_NxC: jnp.ndarray) -> jnp.nd
   return jnp.take_along_axis(logp, jnp.maximum(tokens_NxC, 0)[..., None], axis=-1)[..., 0]
 
 
+def batch_advantages(batch: Rollouts, baseline: str) -> jnp.ndarray:
+  """[N] advantages of the batch's rollouts, grouped by prompt."""
+  b = batch.prompt_BxP.shape[0]
+  return advantages(batch.reward_N.reshape(b, -1), baseline).reshape(-1)
+
+
 def loss_fn(z_tree: list, params: dict, factors: list, batch: Rollouts, *, cfg: ModelConfig,
             settings: RLSettings) -> tuple[jnp.ndarray, dict]:
   """REINFORCE loss (+ λ·KL) of the expert z on a batch of rollouts, and its metrics.
   Differentiable in z only: params and factors are constants (svf.materialise stops them)."""
   adapted = svf.materialise(params, factors, z_tree, parametrisation=settings.parametrisation,
                             max_mult=settings.max_mult)
+  return policy_loss(adapted, params, batch, cfg=cfg, settings=settings)
+
+
+def policy_loss(adapted: dict, params: dict, batch: Rollouts, *, cfg: ModelConfig,
+                settings: RLSettings, adv_N: jnp.ndarray | None = None
+                ) -> tuple[jnp.ndarray, dict]:
+  """The loss of loss_fn given the policy's weights `adapted` (W' materialised) and the base
+  `params` (the KL reference). `adv_N`: advantages computed over the larger batch this one is
+  a microbatch of."""
   logits = completion_logits(adapted, batch, cfg=cfg)
   mask = batch.completion_mask_NxC
   logp_NxC = token_logprobs(logits, batch.completion_NxC)
-  b = batch.prompt_BxP.shape[0]
-  adv_N = jax.lax.stop_gradient(
-      advantages(batch.reward_N.reshape(b, -1), settings.baseline).reshape(-1))
+  if adv_N is None:
+    adv_N = batch_advantages(batch, settings.baseline)
+  adv_N = jax.lax.stop_gradient(adv_N)
   seq_logp_N = _reduce(logp_NxC, mask, settings.logprob_norm)
   pg_loss = -jnp.mean(adv_N * seq_logp_N)
   tokens = jnp.maximum(jnp.sum(mask), 1)
-  metrics = {"pg_loss": pg_loss, "logp_per_token": jnp.sum(jnp.where(mask, logp_NxC, 0)) / tokens}
+  metrics = {"pg_loss": pg_loss, "logp_per_token": jnp.sum(jnp.where(mask, logp_NxC, 0)) / tokens,
+             "tokens": tokens.astype(jnp.float32)}
   loss = pg_loss
   if settings.kl != "off":
     ref_logits = jax.lax.stop_gradient(completion_logits(params, batch, cfg=cfg))

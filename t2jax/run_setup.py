@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import rl, svf
+from t2jax import distributed, rl, sharding, svf
 from t2jax.tasks import make_task
 from t2jax.tokenizer import encode_chats
 
@@ -22,13 +22,16 @@ class ConfigValueError(ValueError):
 
 def check_config(cfg) -> None:
   positive = ("steps", "batch_size", "samples_per_prompt", "max_new_tokens", "eval_batch_size",
-              "checkpoint_every")
+              "checkpoint_every", "microbatches")
   for key in positive:
     if int(cfg[key]) < 1:
       raise ConfigValueError(f"config.{key} must be >= 1; got {cfg[key]}.")
   for key in ("eval_every", "eval_size", "test_size", "warmup_steps"):
     if int(cfg[key]) < 0:
       raise ConfigValueError(f"config.{key} must be >= 0; got {cfg[key]}.")
+  if cfg.batch_size % cfg.microbatches:
+    raise ConfigValueError(f"config.microbatches={cfg.microbatches} must divide "
+                           f"config.batch_size={cfg.batch_size}.")
   if cfg.temperature < 0:
     raise ConfigValueError(f"config.temperature must be >= 0 (0 = greedy); got {cfg.temperature}.")
   if cfg.lr <= 0:
@@ -63,6 +66,19 @@ class Setup:
   model: t2jax.Model
   task: Any
   dec: svf.Decomposition
+  mesh: Any = None  # set by place(): params and factors below are then on it
+  params: Any = None
+  factors: Any = None
+
+  def __post_init__(self):
+    self.params = self.model.params if self.params is None else self.params
+    self.factors = self.dec.factors if self.factors is None else self.factors
+
+  def place(self, mesh) -> None:
+    """Puts params and SVD factors on `mesh` by the partition rules."""
+    self.mesh = mesh
+    place = lambda tree: jax.device_put(tree, sharding.tree_shardings(tree, mesh))
+    self.params, self.factors = place(self.model.params), place(self.dec.factors)
 
   def encode(self, records: Sequence[dict]) -> list[list[int]]:
     prompts = encode_chats(self.model.tokenizer, [self.task.messages(r) for r in records])
@@ -82,7 +98,7 @@ class Setup:
     return expert.z_tree(self.model)
 
   def adapted_params(self, z_tree: list) -> dict:
-    return svf.materialise_jit(self.model.params, self.dec.factors, z_tree,
+    return svf.materialise_jit(self.params, self.factors, z_tree,
                                parametrisation=self.cfg.parametrisation,
                                max_mult=float(self.cfg.max_mult))
 
@@ -110,15 +126,17 @@ def prepare(cfg) -> Setup:
 
 
 def run_cli(body, argv=None, errors: tuple = (ValueError, FileNotFoundError)) -> int:
-  """absl's app.run around body(FLAGS) for the entry points: INFO logs off (orbax logs every
-  save at INFO), and a user error printed as one `error: ...` line with exit status 2."""
+  """absl's app.run around body(FLAGS) for the entry points: joins the multi-process runtime
+  when launched as one of several, INFO logs off (orbax logs every save at INFO), and a user
+  error printed as one `error: ...` line with exit status 2."""
   from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
 
   def run(_):
     logging.set_verbosity(logging.WARNING)
     try:
+      distributed.initialize()
       body(flags.FLAGS)
-    except errors as e:
+    except (*errors, distributed.DistributedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 

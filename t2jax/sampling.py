@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2jax import sharding
 from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 
@@ -97,12 +98,16 @@ def _pick(sampler: Sampler, state: DecodeState, logits_BxV: jnp.ndarray) -> Deco
                        logprobs=logprobs, done=done, rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "cache_len", "max_new", "linear"))
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "sampler", "cache_len", "max_new", "linear", "mesh"))
 def prefill(params, tokens_BxT, mask_BxT, limit_B, min_new, rng, adapters=None, *,
             cfg: ModelConfig, sampler: Sampler, cache_len: int, max_new: int,
-            linear: llama.Linear = llama.plain_linear) -> DecodeState:
+            linear: llama.Linear = llama.plain_linear, mesh=None) -> DecodeState:
   b, t = tokens_BxT.shape
   cache = llama.KVCache.zeros(cfg, b, cache_len, params["embed_tokens"].dtype)
+  if mesh is not None:  # placed by the partition rules; decode's loop keeps the placement
+    cache = jax.lax.with_sharding_constraint(
+        cache, sharding.tree_shardings({"cache": cache}, mesh)["cache"])
   key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask_BxT.astype(bool))
   positions = llama.positions_from_mask(mask_BxT)
   hidden, cache = llama.forward(params, tokens_BxT, positions, cache, jnp.zeros((), jnp.int32),
@@ -140,10 +145,15 @@ def decode(params, state: DecodeState, adapters=None, *, cfg: ModelConfig, sampl
   return jax.lax.while_loop(cond, body, state)
 
 
-def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids [B, P] and mask [B, P], left-padded so every row ends at slot P - 1; P is a
-  bucket_length, so batches of similar prompts share compiled programs."""
-  p = bucket_length(max(len(x) for x in prompts))
+def left_pad(prompts: Sequence[list[int]], pad_id: int,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [B, P] and mask [B, P], left-padded so every row ends at slot P - 1; P is
+  `length`, or the bucket_length of the longest prompt, so batches of similar prompts share
+  compiled programs."""
+  longest = max(len(x) for x in prompts)
+  p = bucket_length(longest) if length is None else length
+  if longest > p:
+    raise ValueError(f"a prompt has {longest} tokens; the padded length is {p}.")
   tokens = np.full((len(prompts), p), pad_id, np.int32)
   mask = np.zeros((len(prompts), p), bool)
   for i, x in enumerate(prompts):
@@ -167,15 +177,26 @@ def completion_ids(tokens_NxC: np.ndarray, eos_ids: Sequence[int]) -> list[list[
 
 def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler, max_new: int,
         min_new: int = 0, seed: int = 0, pad_id: int = 0, adapters=None,
-        linear: llama.Linear = llama.plain_linear) -> tuple[np.ndarray, np.ndarray]:
+        linear: llama.Linear = llama.plain_linear, mesh=None,
+        prompt_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates for token-id prompts (validated by the caller). Returns host arrays
-  tokens [B, N] (-1 after the end) and logprobs [B, N]."""
+  tokens [B, N] (-1 after the end) and logprobs [B, N].
+
+  With a `mesh`, the batch is split over its batch axes (params placed by the partition
+  rules): `prompts` are this process's rows of the global batch and so are the results; every
+  process must pass the same `prompt_len` (the padded prompt length) and `seed`. A row draws
+  the same tokens however the batch is split over devices and processes."""
   b = len(prompts)
-  tokens, mask = left_pad(prompts, pad_id)
+  tokens, mask = left_pad(prompts, pad_id, prompt_len)
   t = tokens.shape[1]
   new_bucket = -(-max_new // 64) * 64
   limit = np.full((b,), max_new, np.int32)
+  if mesh is not None:
+    tokens, mask, limit = sharding.global_batch((tokens, mask, limit), mesh)
   state = prefill(params, tokens, mask, limit, min_new, jax.random.key(seed), adapters, cfg=cfg,
-                  sampler=sampler, cache_len=t + new_bucket, max_new=max_new, linear=linear)
+                  sampler=sampler, cache_len=t + new_bucket, max_new=max_new, linear=linear,
+                  mesh=mesh)
   state = decode(params, state, adapters, cfg=cfg, sampler=sampler, prompt_len=t, linear=linear)
+  if mesh is not None:
+    return sharding.local_rows(state.tokens, mesh), sharding.local_rows(state.logprobs, mesh)
   return np.asarray(state.tokens), np.asarray(state.logprobs)

@@ -1,9 +1,14 @@
 """The device mesh (named axes data, fsdp, tensor) and the one partition-rule table.
 
-Params, SVD factors and everything else are placed by `PARTITION_RULES`: an ordered list of
-(regex over the "/"-joined pytree path, PartitionSpec); the first match wins and a path no rule
-matches is an error, so a new parameter never ends up replicated by accident. z and the
+Params, SVD factors and the sampler's KV cache are placed by `PARTITION_RULES`: an ordered
+list of (regex over the "/"-joined pytree path, PartitionSpec); the first match wins and a path
+no rule matches is an error, so a new parameter never ends up replicated by accident. z and the
 optimizer state are tiny and replicated.
+
+Batches are split over the batch axes (data × fsdp). With several processes, each holds the
+rows of its own devices: `process_rows` says which slice of the global batch that is,
+`global_batch` assembles the global arrays from every process's rows and `local_rows` reads a
+process's rows back.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch axis is split over every data-parallel device
 
 # Kernels are [in, out]: "column" projections split out over tensor, "row" projections split
-# in over tensor; fsdp takes the other dimension. SVD factors follow their kernel:
-# v [in, r] like the kernel's rows, ut [r, out] like its columns.
+# in over tensor; fsdp takes the other dimension. SVD factors follow their kernel, v [in, r]
+# like the kernel's rows and ut [r, out] like its columns, with fsdp on the rank dimension
+# where the kernel's fsdp dimension is not theirs: at full rank the factors outweigh the
+# kernels, and a factor left whole on every fsdp device would not fit beside an 8B model.
 PARTITION_RULES: list[tuple[str, P]] = [
     (r"embed_tokens$", P("tensor", "fsdp")),
     (r"lm_head$", P("fsdp", "tensor")),
@@ -29,11 +36,14 @@ PARTITION_RULES: list[tuple[str, P]] = [
     (r"(q|k|v|gate|up)_proj/bias$", P("tensor")),
     (r"(o|down)_proj/bias$", P()),
     (r"(q|k|v|gate|up)_proj/v$", P("fsdp", None)),
-    (r"(q|k|v|gate|up)_proj/ut$", P(None, "tensor")),
-    (r"(o|down)_proj/v$", P("tensor", None)),
+    (r"(q|k|v|gate|up)_proj/ut$", P("fsdp", "tensor")),
+    (r"(o|down)_proj/v$", P("tensor", "fsdp")),
     (r"(o|down)_proj/ut$", P(None, "fsdp")),
     (r"_proj/(s|s_total)$", P()),
     (r"(layernorm|norm)$", P()),
+    # sampling.DecodeState's KV cache, per layer [B, KVH, S, K]: rows over the batch axes,
+    # kv-heads over tensor like the k/v projections that fill them
+    (r"^cache/(k|v)/\d+$", P(BATCH, "tensor", None, None)),
 ]
 
 
@@ -71,7 +81,11 @@ def make_mesh(spec: str, devices=None) -> Mesh:
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+  return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -80,7 +94,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     if re.search(pattern, path):
       out = []
       for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        out.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+        out.append(axis if axis is None or dim % _axis_size(mesh, axis) == 0 else None)
       return P(*out)
   raise MeshError(f"no partition rule matches parameter {path!r} (shape {shape}); add one to "
                   "t2jax.sharding.PARTITION_RULES.")
@@ -99,3 +113,59 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over data × fsdp."""
   return NamedSharding(mesh, P(BATCH))
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways a batch is split: a global batch must be a multiple of this."""
+  return _axis_size(mesh, BATCH)
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+  """(index, count): this process holds rows [index·n, (index+1)·n) of a batch of
+  `global_rows`, n = global_rows // count. Processes that share their rows (a batch axis of
+  size 1 across them) get the same index."""
+  if global_rows % batch_devices(mesh):
+    raise MeshError(f"a batch of {global_rows} rows does not split over the "
+                    f"{batch_devices(mesh)} batch devices (data × fsdp) of the mesh "
+                    f"{dict(mesh.shape)}; use a multiple of {batch_devices(mesh)}.")
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  starts = sorted({idx[0].indices(global_rows)[0] for idx in index_map.values()})
+  stops = sorted({idx[0].indices(global_rows)[1] for idx in index_map.values()})
+  lo, hi = starts[0], stops[-1]
+  if hi - lo != sum(b - a for a, b in zip(starts, stops)) or global_rows % (hi - lo):
+    raise MeshError(f"this process's batch rows {list(zip(starts, stops))} are not one "
+                    "contiguous block; build the mesh with sharding.make_mesh, which keeps "
+                    "each process's devices together.")
+  return lo // (hi - lo), global_rows // (hi - lo)
+
+
+def global_batch(tree: Any, mesh: Mesh) -> Any:
+  """This process's rows (numpy, leading batch dimension) → global arrays split over the batch
+  axes; every process calls it with its own rows."""
+  rows = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)),
+                      tree)
+
+
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a global array with a leading batch dimension, as numpy (the
+  inverse of `global_batch`, whatever sharding the array ended up with)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  index, count = process_rows(mesh, full.shape[0])
+  n = full.shape[0] // count
+  return full[index * n:(index + 1) * n]
+
+
+def batch_sum(x: np.ndarray, mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Sums over the global batch of host values each process computed over its own rows (see
+  process_rows); rows held by several processes count once."""
+  x = np.asarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  _, count = process_rows(mesh, global_rows)
+  total = np.asarray(multihost_utils.process_allgather(x), np.float64).sum(axis=0)
+  return total * count / jax.process_count()

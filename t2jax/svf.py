@@ -230,6 +230,25 @@ def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: s
   return {**params, "layers": layers}
 
 
+def targeted_kernels(params: dict, factors: list) -> list:
+  """The kernels SVF rescales, [layer][block][name] like the factors."""
+  return [{block: {name: p_layer[block][name]["kernel"] for name in names}
+           for block, names in f_layer.items()}
+          for p_layer, f_layer in zip(params["layers"], factors)]
+
+
+def with_kernels(params: dict, kernels: list) -> dict:
+  """Params with the targeted kernels replaced (the inverse of targeted_kernels)."""
+  layers = []
+  for p_layer, k_layer in zip(params["layers"], kernels):
+    p_layer = dict(p_layer)
+    for block, names in k_layer.items():
+      p_layer[block] = {**p_layer[block], **{
+          name: {**p_layer[block][name], "kernel": k} for name, k in names.items()}}
+    layers.append(p_layer)
+  return {**params, "layers": layers}
+
+
 # Jitted once here: the entry points (expert binding, rollouts, evaluation) share its compile cache.
 materialise_jit = jax.jit(materialise, static_argnames=("parametrisation", "max_mult"))
 

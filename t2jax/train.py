@@ -18,21 +18,11 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import atomic, checkpoint, data, evaluate, reporting, run_setup, sampling, sharding, trainer
+from t2jax import atomic, checkpoint, data, distributed, evaluate, reporting, run_setup, sampling, sharding, trainer
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (NaN loss or reward); the message names the step and what was kept."""
-
-
-def _global(tree, mesh):
-  """This process's rows → global arrays split over the batch axes."""
-  rows = sharding.batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)), tree)
-
-
-def _finite(x) -> bool:
-  return bool(np.all(np.isfinite(np.asarray(x))))
 
 
 def _load_json(path: str) -> dict | None:
@@ -57,23 +47,28 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   train_prompts = setup.encode(train_recs)  # tokenised once per run
   eval_prompts = {split: setup.encode(recs) for split, recs in eval_recs.items()}
   config_dict = cfg.to_dict()
-  ckpt = checkpoint.Checkpoints(workdir, keep=cfg.keep_checkpoints)
+  ckpt = checkpoint.Checkpoints(cfg.checkpoint_dir or os.path.join(workdir, "checkpoints"),
+                                keep=cfg.keep_checkpoints)
   ckpt.check_compatible(config_dict, model.fingerprint)
 
   mesh = sharding.make_mesh(cfg.mesh)
+  setup.place(mesh)
+  params, factors = setup.params, setup.factors
   settings = run_setup.rl_settings(cfg)
   optimizer = trainer.make_optimizer(
       name=cfg.optimizer, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
       total_steps=cfg.steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
   state = jax.device_put(trainer.init_state(setup.init_z(), optimizer, cfg.seed),
                          sharding.replicated(mesh))
-  params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
-  factors = jax.device_put(setup.dec.factors, sharding.tree_shardings(setup.dec.factors, mesh))
   step_fn = trainer.make_step_fn(mesh, params, factors, cfg=model.config, settings=settings,
-                                 optimizer=optimizer)
+                                 optimizer=optimizer, num_microbatches=cfg.microbatches)
+  # this process's slice of each global batch: the rows its devices hold
+  loader_index, loader_count = sharding.process_rows(mesh, cfg.batch_size)
   loader = data.RecordLoader(len(train_recs), global_batch=cfg.batch_size, seed=cfg.seed,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_index=loader_index, process_count=loader_count)
+  # one padded prompt length for the run: every process must agree on it, and one shape
+  # means one compiled sampler and update
+  prompt_len = sampling.bucket_length(max(map(len, train_prompts)))
   start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, state)
@@ -83,10 +78,11 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   def score(z_or_none, split: str):
     p = params if z_or_none is None else setup.adapted_params(z_or_none)
     return evaluate.score(p, eval_prompts[split], eval_recs[split], task=task, model=model,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                          mesh=mesh)
 
   base_path = os.path.join(workdir, "base_scores.json")
-  base = _load_json(base_path)
+  base = distributed.json_from_lead(_load_json(base_path) if lead else None)
   if base is None:  # measured once per workdir, shown beside the expert
     base = {"val": score(None, "val"), "test": score(None, "test")}
     if lead:
@@ -109,13 +105,18 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           [train_recs[i] for i in idx], task=task, tokenizer=model.tokenizer, cfg=model.config,
           sampler=sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
           seed=trainer.rollout_seed(state.rng, step), pad_id=model.pad_id,
-          eos_ids=model.eos_ids)
+          eos_ids=model.eos_ids, mesh=mesh, prompt_len=prompt_len)
       t1 = time.perf_counter()
-      if not _finite(got.rollouts.reward_N):
+      # sums over the global batch: reward, correct, non-finite rewards, new tokens
+      totals = sharding.batch_sum([
+          np.nansum(got.rollouts.reward_N), got.correct.sum(),
+          (~np.isfinite(got.rollouts.reward_N)).sum(), got.new_tokens], mesh, cfg.batch_size)
+      rows = cfg.batch_size * cfg.samples_per_prompt
+      if totals[2]:
         raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
                             f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
                             f"{ckpt.directory}.")
-      state, metrics = step_fn(state, _global(got.rollouts, mesh), params, factors)
+      state, metrics = step_fn(state, sharding.global_batch(got.rollouts, mesh), params, factors)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       t2 = time.perf_counter()
       if not all(map(math.isfinite, metrics.values())):
@@ -125,9 +126,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
                             f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
                             "config.kl_coef, or set config.grad_clip.")
       metrics.update(
-          reward=float(np.mean(got.rollouts.reward_N)), train_accuracy=float(np.mean(got.correct)),
-          completion_tokens=got.new_tokens / len(got.texts), rollout_s=t1 - t0,
-          update_s=t2 - t1, tokens_per_s=got.new_tokens / (t2 - t0))
+          reward=totals[0] / rows, train_accuracy=totals[1] / rows,
+          completion_tokens=totals[3] / rows, rollout_s=t1 - t0, update_s=t2 - t1,
+          tokens_per_s=totals[3] / (t2 - t0))
       log.log_step(step + 1, metrics)
       done = step + 1 == cfg.steps
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
@@ -147,13 +148,16 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
 def _finish(cfg, workdir, setup, state, base, best_path, score, lead) -> dict:
   """Exports the expert (best on val when evaluated, else the last z), scores it on test and
   writes plot.png and summary.json."""
-  final = t2jax.Expert.load(best_path) if os.path.isdir(best_path) else None
-  z = final.z_tree(setup.model) if final is not None else state.z
+  final = t2jax.Expert.load(best_path) if lead and os.path.isdir(best_path) else None
+  best_step = distributed.json_from_lead(final.metrics.get("step") if final else None)
+  z = jax.device_get(state.z)
+  if best_step is not None:
+    z = distributed.arrays_from_lead(final.z_tree(setup.model) if final else z)
   expert_scores = {"val": score(z, "val"), "test": score(z, "test")}
   rows = {"base": {s: base[s]["accuracy"] for s in ("val", "test")},
           "expert": {s: expert_scores[s]["accuracy"] for s in ("val", "test")}}
   summary = {"task": cfg.task, "steps": cfg.steps, "base": base, "expert": expert_scores,
-             "expert_from_step": final.metrics.get("step") if final else int(state.step)}
+             "expert_from_step": best_step if best_step is not None else int(state.step)}
   if lead:
     setup.expert(z, name=cfg.task, metrics={
         "val_accuracy": rows["expert"]["val"], "test_accuracy": rows["expert"]["test"],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t2jax import rl, sampling, sharding
+from t2jax import rl, sampling, sharding, svf
 from t2jax.models.config import ModelConfig
 
 
@@ -58,11 +58,64 @@ def init_state(z_tree: list, optimizer: optax.GradientTransformation, seed: int)
                     rng=jax.random.PRNGKey(seed))
 
 
+def microbatches(batch: rl.Rollouts, adv_N: jnp.ndarray,
+                 k: int) -> tuple[rl.Rollouts, jnp.ndarray]:
+  """The batch as k microbatches stacked on a new leading axis: microbatch j holds prompts
+  j, j + k, j + 2k, ... with their G rows, so each keeps its share of every device's rows."""
+  b = batch.prompt_BxP.shape[0]
+  if b % k:
+    raise ValueError(f"config.microbatches={k} does not divide the batch of {b} prompts.")
+
+  def split(x):  # [B·R, ...] (R rows a prompt) → [k, B/k·R, ...]
+    r = x.shape[0] // b
+    x = x.reshape(b // k, k, r, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(k, (b // k) * r, *x.shape[3:])
+
+  return jax.tree.map(split, batch), split(adv_N)
+
+
+def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts, k: int, *,
+                       cfg: ModelConfig, settings: rl.RLSettings) -> tuple[list, dict]:
+  """Gradient accumulation over k microbatches, the activations (the [rows, C, vocab] logits
+  above all) of one at a time. W'(z) is built once: the loop accumulates dL/dW' of the
+  targeted kernels and one VJP through materialise turns the sum into dL/dz. Advantages are
+  those of the whole batch."""
+  def targeted(z_tree):
+    return svf.targeted_kernels(svf.materialise(
+        params, factors, z_tree, parametrisation=settings.parametrisation,
+        max_mult=settings.max_mult), factors)
+
+  kernels, pullback = jax.vjp(targeted, z)
+  chunks = microbatches(batch, rl.batch_advantages(batch, settings.baseline), k)
+
+  def one(chunk):
+    loss = lambda ks: rl.policy_loss(svf.with_kernels(params, ks), params, chunk[0], cfg=cfg,
+                                     settings=settings, adv_N=chunk[1])
+    g, m = jax.grad(loss, has_aux=True)(kernels)
+    # per-token means are weighted by their microbatch's token count
+    return g, {n: v * m["tokens"] if n in rl.PER_TOKEN_METRICS else v for n, v in m.items()}
+
+  def accumulate(total, chunk):  # in float32 whatever the kernels' dtype
+    return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, one(chunk)), None
+
+  like = jax.eval_shape(one, jax.tree.map(lambda x: x[0], chunks))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), like)
+  (g_kernels, metrics), _ = jax.lax.scan(accumulate, zeros, chunks)
+  (grads,) = pullback(jax.tree.map(lambda g, w: (g / k).astype(w.dtype), g_kernels, kernels))
+  count = {"tokens": 1.0, **{n: metrics["tokens"] for n in rl.PER_TOKEN_METRICS}}
+  return grads, {n: v / count.get(n, k) for n, v in metrics.items()}
+
+
 def _train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
                 cfg: ModelConfig, settings: rl.RLSettings,
-                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  grad_fn = jax.grad(rl.loss_fn, has_aux=True)
-  grads, metrics = grad_fn(state.z, params, factors, batch, cfg=cfg, settings=settings)
+                optimizer: optax.GradientTransformation,
+                num_microbatches: int = 1) -> tuple[TrainState, dict]:
+  if num_microbatches == 1:
+    grads, metrics = jax.grad(rl.loss_fn, has_aux=True)(state.z, params, factors, batch,
+                                                        cfg=cfg, settings=settings)
+  else:
+    grads, metrics = _accumulated_grads(state.z, params, factors, batch, num_microbatches,
+                                        cfg=cfg, settings=settings)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.z)
   z = optax.apply_updates(state.z, updates)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
@@ -70,13 +123,17 @@ def _train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: li
 
 
 def make_step_fn(mesh, params: dict, factors: list, *, cfg: ModelConfig,
-                 settings: rl.RLSettings, optimizer: optax.GradientTransformation) -> Callable:
+                 settings: rl.RLSettings, optimizer: optax.GradientTransformation,
+                 num_microbatches: int = 1) -> Callable:
   """The update as one jit: state and metrics replicated, rollouts split over the batch axes,
-  params and factors placed by the partition rules; the old state is donated."""
+  params and factors placed by the partition rules; the old state is donated. With
+  num_microbatches > 1 the gradient is accumulated over that many slices of the batch (the
+  same update up to float rounding, for a fraction of the activation memory)."""
   rep = sharding.replicated(mesh)
   rows = sharding.batch_sharding(mesh)
   return jax.jit(
-      functools.partial(_train_step, cfg=cfg, settings=settings, optimizer=optimizer),
+      functools.partial(_train_step, cfg=cfg, settings=settings, optimizer=optimizer,
+                        num_microbatches=num_microbatches),
       in_shardings=(rep, rows, sharding.tree_shardings(params, mesh),
                     sharding.tree_shardings(factors, mesh)),
       out_shardings=(rep, rep), donate_argnums=(0,))
@@ -98,19 +155,21 @@ class Collected:
 
 def collect(params_z: dict, prompts: Sequence[list[int]], records: Sequence[dict], *, task,
             tokenizer, cfg: ModelConfig, sampler: sampling.Sampler, samples: int, max_new: int,
-            seed: int, pad_id: int, eos_ids: Sequence[int]) -> Collected:
+            seed: int, pad_id: int, eos_ids: Sequence[int], mesh=None,
+            prompt_len: int | None = None) -> Collected:
   """G = `samples` completions per prompt from the policy (params with z materialised), their
-  rewards from the task, packed as rl.Rollouts."""
+  rewards from the task, packed as rl.Rollouts. With a mesh, `prompts` are this process's
+  share of the batch (see sampling.run) and so is everything returned."""
   rows = [p for p in prompts for _ in range(samples)]
   tokens_NxC, _ = sampling.run(params_z, rows, cfg=cfg, sampler=sampler, max_new=max_new,
-                               seed=seed, pad_id=pad_id)
+                               seed=seed, pad_id=pad_id, mesh=mesh, prompt_len=prompt_len)
   mask = tokens_NxC >= 0
   texts = [tokenizer.decode(ids, skip_special_tokens=True)
            for ids in sampling.completion_ids(tokens_NxC, eos_ids)]
   recs = [records[i // samples] for i in range(len(texts))]
   rewards = [task.reward(rec, text) for rec, text in zip(recs, texts)]
   correct = [task.correct(rec, text) for rec, text in zip(recs, texts)]
-  prompt, prompt_mask = sampling.left_pad(prompts, pad_id)
+  prompt, prompt_mask = sampling.left_pad(prompts, pad_id, prompt_len)
   batch = rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask,
                       completion_NxC=np.where(mask, tokens_NxC, pad_id).astype(np.int32),
                       completion_mask_NxC=mask, reward_N=np.asarray(rewards, np.float32))

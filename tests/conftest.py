@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
+# libtpu (the tpu extra, needed by the AOT compile tests) makes every jax start-up probe for a
+# TPU; tests run on the CPU, subprocesses included.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=wrong-import-position
 import torch
 import transformers
 
@@ -133,3 +137,37 @@ def hf_default(default_model):
                                                             dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=file)
   return model, tok
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+  """A 2-layer random Llama with the default model's tokenizer and chat template."""
+  from t2jax import tokenizer, weights  # pylint: disable=import-outside-toplevel
+
+  tok = tokenizer.load_tokenizer(weights.default_model_path())
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg)
+  path = str(tmp_path_factory.mktemp("chat_model"))
+  model.save_pretrained(path, safe_serialization=True)
+  tok.save_pretrained(path)
+  return path
+
+
+def tiny_config(model_dir: str, **overrides):
+  """A training config on `chat_model_dir` small enough for a test: 4 steps of 2 prompts."""
+  from t2jax import config_defaults  # pylint: disable=import-outside-toplevel
+
+  c = config_defaults.base_config()
+  c.model = model_dir
+  c.task = "math"
+  c.task_args.level = 1
+  c.task_args.system_prompt = "Add."
+  c.update(steps=4, batch_size=2, samples_per_prompt=2, max_new_tokens=4, temperature=1.0,
+           baseline="none", kl="exact", kl_coef=0.1, lr=1e-2, eval_every=0, eval_size=4,
+           test_size=4, eval_batch_size=4, checkpoint_every=2)
+  c.update(overrides)
+  return c

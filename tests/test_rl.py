@@ -162,3 +162,33 @@ def test_train_step_moves_only_z_and_counts(tiny):
                                                              jax.tree.leaves(z0)))
   assert moved > 1e-4
   assert np.isfinite(float(metrics["grad_norm"]))
+
+
+@pytest.mark.parametrize("baseline", ["batch_mean", "leave_one_out"])
+def test_microbatched_update_equals_the_whole_batch(tiny, baseline):
+  """Gradient accumulation over 2 microbatches (advantages still over the whole batch) gives
+  the update of one pass over the batch."""
+  model, dec = tiny
+  rng = np.random.default_rng(5)
+  batch = _rollouts(rng, b=4, g=2)
+  batch = batch.replace(reward_N=rng.normal(size=8).astype(np.float32))
+  opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="constant", warmup_steps=0,
+                               total_steps=1, weight_decay=0.0, grad_clip=0.0)
+  from t2jax import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh("data:-1")
+  settings = rl.RLSettings(baseline=baseline, kl="exact", kl_coef=0.1)
+  z0 = jax.tree.map(np.asarray, _z(model, rng, 0.05))  # host copies: the update donates
+  out = {}
+  for k in (1, 2, 4):
+    step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=model.config,
+                                   settings=settings, optimizer=opt, num_microbatches=k)
+    state, metrics = step_fn(trainer.init_state(z0, opt, seed=0), batch, model.params,
+                             dec.factors)
+    out[k] = (jax.tree.leaves(state.z), metrics)
+  for k in (2, 4):
+    for a, b in zip(out[1][0], out[k][0]):
+      np.testing.assert_allclose(b, a, atol=1e-6)
+    for name in ("loss", "kl", "logp_per_token", "tokens", "grad_norm"):
+      np.testing.assert_allclose(out[k][1][name], out[1][1][name], rtol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="microbatches=3 does not divide the batch of 4"):
+    trainer.microbatches(jax.tree.map(jnp.asarray, batch), jnp.zeros(8), 3)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from t2jax import sharding, svf
@@ -75,16 +76,90 @@ print(json.dumps(out))
 
 def test_update_on_an_8_device_mesh_equals_one_device(checkpoint):
   path, _ = checkpoint("llama")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, path], capture_output=True, text=True,
-                       env=env, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads(out.stdout.strip().splitlines()[-1])
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  got = _run_on_8_devices(_SCRIPT, path)
 
   one, eight = got["data:1,fsdp:1,tensor:1"], got["data:2,fsdp:2,tensor:2"]
   moved = max(np.abs(np.asarray(a) - 1).max() for a in one)
   assert moved > 1e-3
   for a, b in zip(one, eight):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _run_on_8_devices(script: str, *args: str) -> dict:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                       env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_SAMPLER_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+import t2jax
+from t2jax import sampling, sharding
+model = t2jax.load_model(sys.argv[1])
+rng = np.random.default_rng(0)
+prompts = [rng.integers(2, 300, n).tolist() for n in (5, 9, 3, 7)]
+greedy = sampling.Sampler(temperature=0.0, eos_ids=model.eos_ids)
+hot = sampling.Sampler(temperature=1.0, eos_ids=model.eos_ids)
+out = {}
+for spec in ("data:1", "data:2,fsdp:2,tensor:2", "data:1,fsdp:1,tensor:8"):
+  mesh = sharding.make_mesh(spec, jax.devices()[:1] if spec == "data:1" else jax.devices())
+  params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
+  for name, sampler in (("greedy", greedy), ("sampled", hot)):
+    tokens, _ = sampling.run(params, prompts, cfg=model.config, sampler=sampler, max_new=12,
+                             seed=3, pad_id=0, mesh=mesh)
+    out[f"{spec} {name}"] = tokens.tolist()
+try:
+  sharding.process_rows(sharding.make_mesh("data:4,fsdp:2"), 6)
+except sharding.MeshError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_sampler_on_a_sharded_model_gives_the_same_tokens(checkpoint):
+  path, _ = checkpoint("llama")
+  got = _run_on_8_devices(_SAMPLER_SCRIPT, path)
+  for name in ("greedy", "sampled"):
+    one = got[f"data:1 {name}"]
+    assert len(one) == 4 and len(one[0]) == 12
+    assert got[f"data:2,fsdp:2,tensor:2 {name}"] == one, name
+    assert got[f"data:1,fsdp:1,tensor:8 {name}"] == one, name
+  assert got["data:1 greedy"] != got["data:1 sampled"]
+  assert "a batch of 6 rows does not split over the 8 batch devices" in got["error"]
+
+
+_RESTORE_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from t2jax import checkpoint, sharding
+devices = jax.devices()
+state = {"z": jnp.linspace(0.5, 1.5, 24).reshape(2, 12),  # replicated, like TrainState
+         "w": jnp.arange(64, dtype=jnp.float32).reshape(8, 8)}  # split 8 ways
+mesh8 = sharding.make_mesh("data:-1", devices)
+placed = {"z": jax.device_put(state["z"], sharding.replicated(mesh8)),
+          "w": jax.device_put(state["w"], NamedSharding(mesh8, P("data")))}
+ckpt = checkpoint.Checkpoints(sys.argv[1])
+ckpt.save(1, placed, {"next": 1}, {"model": "m"}, "fp")
+ckpt.wait()
+out = {}
+for n in (1, 4):
+  mesh = sharding.make_mesh("data:-1", devices[:n])
+  like = {"z": jax.device_put(jnp.zeros((2, 12)), sharding.replicated(mesh)),
+          "w": jax.device_put(jnp.zeros((8, 8)), NamedSharding(mesh, P("data")))}
+  got, data_state = checkpoint.Checkpoints(sys.argv[1]).restore(1, like)
+  out[n] = {"equal": all(bool(np.array_equal(got[k], state[k])) for k in state),
+            "devices": sorted({len(got[k].sharding.device_set) for k in got}),
+            "w_shard_rows": got["w"].addressable_shards[0].data.shape[0], "data": data_state}
+print(json.dumps(out))
+"""
+
+
+def test_a_checkpoint_saved_on_8_devices_restores_on_1_and_4(tmp_path):
+  got = _run_on_8_devices(_RESTORE_SCRIPT, str(tmp_path / "run"))
+  assert got["1"] == {"equal": True, "devices": [1], "w_shard_rows": 8, "data": {"next": 1}}
+  assert got["4"] == {"equal": True, "devices": [4], "w_shard_rows": 2, "data": {"next": 1}}

@@ -11,46 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-import transformers
 
 import t2jax
-from t2jax import checkpoint, config_defaults, reporting, rl, run_setup, tokenizer, weights
+from conftest import tiny_config
+from t2jax import checkpoint, config_defaults, reporting, rl, run_setup
 from t2jax.tasks import TaskError
 from t2jax.tasks.math import Arithmetic
 from t2jax.train import TrainingError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-  """A 2-layer random Llama with the default model's tokenizer and chat template."""
-  import torch  # pylint: disable=import-outside-toplevel
-
-  tok = tokenizer.load_tokenizer(weights.default_model_path())
-  cfg = transformers.LlamaConfig(
-      vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(cfg)
-  path = str(tmp_path_factory.mktemp("chat_model"))
-  model.save_pretrained(path, safe_serialization=True)
-  tok.save_pretrained(path)
-  return path
-
-
-def tiny_config(model_dir: str, **overrides):
-  c = config_defaults.base_config()
-  c.model = model_dir
-  c.task = "math"
-  c.task_args.level = 1
-  c.task_args.system_prompt = "Add."
-  c.update(steps=4, batch_size=2, samples_per_prompt=2, max_new_tokens=4, temperature=1.0,
-           baseline="none", kl="exact", kl_coef=0.1, lr=1e-2, eval_every=0, eval_size=4,
-           test_size=4, eval_batch_size=4, checkpoint_every=2)
-  c.update(overrides)
-  return c
 
 
 def _z(workdir: str) -> dict:
@@ -103,7 +72,7 @@ def test_incompatible_workdir_is_refused_and_kept(chat_model_dir, tmp_path):
     train(tiny_config(chat_model_dir, steps=4, seed=1), workdir, progress=False)
   with pytest.raises(checkpoint.CheckpointError, match="parametrisation"):
     train(tiny_config(chat_model_dir, steps=4, parametrisation="paper"), workdir, progress=False)
-  assert checkpoint.Checkpoints(workdir).latest_step() == 2
+  assert checkpoint.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step() == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chat_model_dir, tmp_path,
@@ -119,7 +88,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chat_model_dir, tmp_p
   monkeypatch.setattr(rl, "loss_fn", poisoned)
   with pytest.raises(TrainingError, match=r"step 2: .*loss.*Last good checkpoint: step 1"):
     train(tiny_config(chat_model_dir, steps=3, checkpoint_every=1), workdir, progress=False)
-  assert checkpoint.Checkpoints(workdir).latest_step() == 1
+  assert checkpoint.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step() == 1
 
 
 def test_nan_reward_stops_before_the_update(chat_model_dir, tmp_path, monkeypatch):
