@@ -1,0 +1,150 @@
+"""`python -m t2jax.compile`: the report for the default config on a v5e slice, a config that
+cannot fit, usage errors; and the abstract params and factors against what the loaders and
+svf.decompose really build."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from t2jax import compile as compile_lib, svf
+from t2jax.models import presets
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="compiling for a TPU topology needs libtpu: pip install 't2jax[tpu]'")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+
+
+def run_compile(*args: str, json_path: str | None = None) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         # XLA's least optimisation effort: a third less compile time on 2 cores; the memory
+         # figures stay within ~10 % of the default effort's
+         "JAX_EXEC_TIME_OPTIMIZATION_EFFORT": "-1"}
+  cmd = [sys.executable, "-m", "t2jax.compile", *args]
+  if json_path:
+    cmd.append(f"--json={json_path}")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("compile") / "report.json")
+  proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2", json_path=path)
+  with open(path) as f:
+    return proc, json.load(f)
+
+
+@needs_libtpu
+def test_default_config_fits_v5e_2x2(default_report):
+  proc, out = default_report
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "fits on v5e:2x2" in proc.stdout
+  assert "WARNING" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr
+  assert out["device_kind"] == "TPU v5 lite" and out["devices"] == 4
+  assert out["nominal_hbm_bytes"] == 16 * GIB
+  assert out["hbm_bytes"] == pytest.approx(15.75 * GIB, rel=1e-3)  # what XLA lets a program use
+  assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert out["shapes"]["batch"] == 16 and out["shapes"]["samples"] == 4
+  assert out["shapes"]["max_new"] == 16 and out["shapes"]["prompt_len"] % 16 == 0
+  programs = {p["name"]: p for p in out["programs"]}
+  assert list(programs) == ["update", "materialise", "prefill", "decode"]
+  for name, p in programs.items():
+    assert p["fits"] and not p["error"], name
+    assert 0 < p["total"] < out["hbm_bytes"], name
+    assert p["bound"] == p["argument"] + p["output"] - p["alias"] + p["temp"] + p["code"], name
+    assert p["total"] == p["peak"] + p["other_live"], name
+    assert p["peak"] >= p["argument"] + p["output"] - p["alias"], name
+    assert f"\n{name} " in proc.stdout  # a table row
+
+  # data-parallel mesh: every device holds all params (float32) and factors
+  params_bytes = out["params"] * 4
+  assert out["resident_bytes"]["params"] >= params_bytes
+  assert programs["update"]["argument"] >= params_bytes + out["resident_bytes"]["factors"]
+  assert programs["update"]["alias"] > 0  # the donated train state
+  # the sampler reads W' (a full params copy) while params and factors stay resident
+  assert programs["materialise"]["output"] >= params_bytes
+  assert programs["prefill"]["argument"] >= params_bytes
+  assert programs["prefill"]["other_live"] == sum(out["resident_bytes"].values())
+  # decode's state (KV cache: layers × 2 × rows × kv heads × cache × head dim) is donated
+  s = out["shapes"]
+  cache = 30 * 2 * s["batch"] * s["samples"] * 3 * s["cache_len"] * 64 * 4 // 4
+  assert programs["decode"]["alias"] >= cache
+  assert programs["prefill"]["output"] >= cache
+
+
+@needs_libtpu
+def test_70b_on_four_v5e_chips_does_not_fit():
+  proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2",
+                     "--config.model=llama3_70b", "--config.dtype=bfloat16",
+                     "--config.mesh=fsdp:-1", "--prompt_len=128")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "does NOT fit on v5e:2x2" in proc.stdout
+  assert "70.55B params" in proc.stdout
+  # 141 GB of bf16 params over 4 chips, before any program runs
+  assert "params, factors and train state alone take" in proc.stdout
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v9z:2x2"], "topology 'v9z:2x2' is not one libtpu knows"),
+    (["--topology", "v5e:2x2", "--config.model=llama9_1t"],
+     "model 'llama9_1t' is neither a preset (llama3_8b, llama3_70b"),
+    (["--topology", "v5e:2x2", "--config.mesh=data:3,fsdp:1"],
+     "config.mesh='data:3,fsdp:1' does not fit topology v5e:2x2 (4 devices)"),
+    (["--topology", "v5e:2x2", "--config.batch_size=6", "--config.mesh=fsdp:-1"],
+     "config.batch_size=6 does not split over the 4 batch shards"),
+    (["--topology", "v5e:2x2", "--rule=up_proj/ut$=fsdp,model"],
+     "--rule 'up_proj/ut$=fsdp,model': ['model'] are not mesh axes"),
+])
+def test_usage_errors_exit_2(args, message):
+  proc = run_compile("--config", "configs/math.py", *args)
+  assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+  assert f"error: {message}" in proc.stderr
+
+
+# --- no libtpu needed: the abstract trees are what the loaders build ------------------------
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)
+
+
+@pytest.mark.parametrize("name", ["llama_bias", "llama_mha_tied", "qwen2"])
+def test_abstract_params_and_factors_match_the_loaders(loaded, name):
+  model, _ = loaded(name)
+  params = compile_lib.abstract_params(model.config, jnp.float32)
+  assert _shapes(params) == _shapes(model.params)
+  targets = r"(self_attn|mlp)/.*_proj"
+  for rank in (None, 3):
+    dec = svf.decompose(model, targets, rank, cache=False, progress=False)
+    assert (_shapes(compile_lib.abstract_factors(params, targets, rank))
+            == _shapes(dec.factors))
+  bf16 = compile_lib.abstract_params(model.config, jnp.bfloat16)
+  assert {jnp.dtype(x.dtype) for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_presets_are_the_published_sizes():
+  billions = {name: presets.preset(name).num_params() / 1e9 for name in presets.PRESETS}
+  assert billions == pytest.approx({"llama3_8b": 8.03, "llama3_70b": 70.55, "mistral_7b": 7.25,
+                                    "qwen2_5_7b": 7.62}, abs=0.01)
+  cfg, source = presets.model_config("")
+  assert source == "smollm2-135m-instruct" and cfg.num_layers == 30
+  assert cfg.num_params() == pytest.approx(134.5e6, rel=1e-3)
+
+
+def test_parse_rule():
+  P = jax.sharding.PartitionSpec
+  assert compile_lib.parse_rule("up_proj/ut$=fsdp,tensor") == ("up_proj/ut$", P("fsdp", "tensor"))
+  assert compile_lib.parse_rule("a=b=data+fsdp,-") == ("a=b", P(("data", "fsdp"), None))
+  with pytest.raises(compile_lib.CompileUsageError, match="not 'REGEX=AXES'"):
+    compile_lib.parse_rule("fsdp,tensor")
