@@ -32,15 +32,14 @@ the bound. Exit status: 0 all fit, 1 something does not fit, 2 a usage error.
   python -m t2jax.compile --config configs/math.py --topology v5e:2x2
   python -m t2jax.compile --config configs/math.py --topology v5e:4x4 \
       --config.model=llama3_8b --config.dtype=bfloat16 --config.mesh=fsdp:-1 \
-      --config.batch_size=64 --config.max_new_tokens=512 --prompt_len=256
+      --config.batch_size=64 --config.max_new_tokens=512 --prompt_len=256 \
+      --config.microbatches=8 --config.remat=True
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -54,7 +53,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from t2jax import rl, run_setup, sampling, sharding, svf, trainer
-from t2jax.models import llama, presets, rope
+from t2jax.models import presets
 from t2jax.models.config import ModelConfig
 from t2jax.weights import layout
 
@@ -276,67 +275,6 @@ def _abstract_outputs(compiled, fn, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prototype (--prototype_remat): the update with every decoder layer under jax.checkpoint, so
-# the backward pass keeps one layer's input instead of all its activations (the [T, S]
-# attention matrices above all). It measures what a `remat` option of llama.forward would buy;
-# the layer is llama.forward's loop body, unchanged.
-
-
-def _layer(x, p, k_cache, v_cache, positions_BxT, start, visible_BxTxS, *, cfg, linear):
-  b, t, _ = x.shape
-  n_h, n_kv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  inv_freq = rope.inv_frequencies(cfg)
-  h = llama.rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-  attn = p["self_attn"]
-  q = linear(h, attn["q_proj"], None).reshape(b, t, n_h, kd)
-  k = linear(h, attn["k_proj"], None).reshape(b, t, n_kv, kd)
-  v = linear(h, attn["v_proj"], None).reshape(b, t, n_kv, kd)
-  q = rope.apply_rope(q, positions_BxT, inv_freq)
-  k = rope.apply_rope(k, positions_BxT, inv_freq)
-  k_cache = jax.lax.dynamic_update_slice(
-      k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-  v_cache = jax.lax.dynamic_update_slice(
-      v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
-  out = llama._attention(q, k_cache, v_cache, visible_BxTxS)  # pylint: disable=protected-access
-  x = x + linear(out, attn["o_proj"], None)
-  h = llama.rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-  mlp = p["mlp"]
-  gate = linear(h, mlp["gate_proj"], None)
-  up = linear(h, mlp["up_proj"], None)
-  x = x + linear(jax.nn.silu(gate) * up, mlp["down_proj"], None)
-  return x, k_cache, v_cache
-
-
-def remat_forward(params, tokens_BxT, positions_BxT, cache, write_index, key_valid_BxS, *, cfg,
-                  linear=llama.plain_linear, adapters=None):
-  """llama.forward with each layer rematerialised in the backward pass (no adapters)."""
-  assert adapters is None, "the prototype covers the update, which has no adapters"
-  t, s = tokens_BxT.shape[1], cache.k[0].shape[2]
-  x = params["embed_tokens"][tokens_BxT]
-  query_slot_T = write_index + jnp.arange(t)
-  visible = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None] & key_valid_BxS[:, None]
-  zero = jnp.zeros((), jnp.int32)
-  start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
-  layer = jax.checkpoint(functools.partial(_layer, cfg=cfg, linear=linear))
-  k_out, v_out = [], []
-  for i, p in enumerate(params["layers"]):
-    x, k_cache, v_cache = layer(x, p, cache.k[i], cache.v[i], positions_BxT, start, visible)
-    k_out.append(k_cache)
-    v_out.append(v_cache)
-  return llama.rms_norm(x, params["norm"], cfg.rms_norm_eps), llama.KVCache(k=k_out, v=v_out)
-
-
-@contextlib.contextmanager
-def remat_layers():
-  """rl calls llama.forward when the update is traced (at lower time): swap it for that."""
-  original, llama.forward = llama.forward, remat_forward
-  try:
-    yield
-  finally:
-    llama.forward = original
-
-
-# ---------------------------------------------------------------------------------------------
 # The plan.
 
 
@@ -359,18 +297,17 @@ def _auto_prompt_len(cfg, source: str) -> tuple[int, str]:
   from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
 
   if source.startswith("preset "):
-    return PRESET_PROMPT_LEN, f"{PRESET_PROMPT_LEN} (a preset has no tokenizer; set --prompt_len)"
+    return PRESET_PROMPT_LEN, "a preset has no tokenizer; set --prompt_len"
   try:
     tok = tokenizer_lib.load_tokenizer(weights.resolve(cfg.model or None))
     task = make_task(cfg.task, cfg.task_args.to_dict())
     records = run_setup.eval_subset(task.records("train"), 512)
     prompts = tokenizer_lib.encode_chats(tok, [task.messages(r) for r in records])
   except Exception as e:  # pylint: disable=broad-except  # no tokenizer, no data files, ...
-    return PRESET_PROMPT_LEN, f"{PRESET_PROMPT_LEN} (task prompts unavailable: {e})"
+    return PRESET_PROMPT_LEN, f"task prompts unavailable: {e}"
   longest = max(len(p) for p in prompts)
-  return sampling.bucket_length(longest), (f"{sampling.bucket_length(longest)} (bucket of the "
-                                           f"longest of {len(prompts)} {cfg.task} prompts, "
-                                           f"{longest} tokens)")
+  return sampling.bucket_length(longest), (f"bucket of the longest of {len(prompts)} "
+                                           f"{cfg.task} prompts, {longest} tokens")
 
 
 def parse_rule(text: str) -> tuple[str, P]:
@@ -398,13 +335,12 @@ PROGRAMS = ("update", "materialise", "prefill", "decode")
 PROGRAM_SETS = ("all", "update", "sampler")
 
 
-def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
-         remat: bool = False) -> dict:
+def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all") -> dict:
   """Compiles every program of one training step for `topo`; returns the report as a dict."""
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
     raise CompileUsageError(f"config.dtype {cfg.dtype!r} is not float32, bfloat16 or float16.")
   run_setup.check_config(cfg)
-  microbatches = int(cfg.get("microbatches", 1))
+  microbatches = int(cfg.microbatches)
   settings = run_setup.rl_settings(cfg)
   model_cfg, source = presets.model_config(cfg.model or None)
   try:
@@ -451,20 +387,13 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
   resident = {"params": per_device_bytes(params), "factors": per_device_bytes(factors),
               "train_state": per_device_bytes(state)}
   largest = largest_leaves({"params": params, "factors": factors})
-  step_kw = {}
-  if microbatches > 1:
-    if "num_microbatches" not in inspect.signature(trainer.make_step_fn).parameters:
-      raise CompileUsageError("this t2jax's trainer has no gradient accumulation "
-                              "(config.microbatches).")
-    step_kw["num_microbatches"] = microbatches
   step_fn = trainer.make_step_fn(mesh, params, factors, cfg=model_cfg, settings=settings,
-                                 optimizer=optimizer, **step_kw)
+                                 optimizer=optimizer, num_microbatches=microbatches)
 
   def update() -> list[Report]:
-    with remat_layers() if remat else contextlib.nullcontext():
-      return [compile_program(
-          "update", f"train step on {b}×{shapes.samples} rollouts, {microbatches} microbatches",
-          step_fn, (state, rollouts, params, factors), {})[0]]
+    return [compile_program(
+        "update", f"train step on {b}×{shapes.samples} rollouts, {microbatches} microbatches",
+        step_fn, (state, rollouts, params, factors), {})[0]]
 
   def rollout() -> list[Report]:
     """materialise → prefill → decode: each program's inputs are the last one's outputs."""
@@ -485,9 +414,8 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
     pre_args = (adapted, i32(n, p), mask(n, p), i32(n),
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
                 jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), None)
-    pre_kw = dict(cfg=model_cfg, sampler=sampler, cache_len=shapes.cache_len, max_new=c)
-    if "mesh" in inspect.signature(sampling.prefill).parameters:  # the cache placed by rules
-      pre_kw["mesh"] = mesh
+    pre_kw = dict(cfg=model_cfg, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
+                  mesh=mesh)
     report, compiled = compile_program(
         "prefill", f"{n} rows × {p} prompt tokens, cache {shapes.cache_len}", sampling.prefill,
         pre_args, pre_kw, other_live=while_sampling)
@@ -516,7 +444,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
       "targets": targets, "rank": cfg.rank or None,
       "topology": topo.name, "device_kind": topo.device_kind, "devices": len(topo.devices),
       "hbm_bytes": topo.hbm_bytes, "nominal_hbm_bytes": topo.nominal_hbm_bytes,
-      "mesh": dict(mesh.shape), "microbatches": microbatches, "prototype_remat": remat,
+      "mesh": dict(mesh.shape), "microbatches": microbatches, "remat": settings.remat,
       "shapes": {**dataclasses.asdict(shapes), "prompt_len_from": p_note},
       "resident_bytes": resident, "largest_resident": largest,
       "programs": [{**dataclasses.asdict(r), "fits": r.fits(topo.hbm_bytes)} for r in reports],
@@ -545,7 +473,7 @@ def format_report(out: dict) -> str:
       f"step      {s['batch']} prompts × {s['samples']} samples = {s['batch'] * s['samples']} "
       f"rows; prompt {s['prompt_len']} tokens ({s['prompt_len_from']}), {s['max_new']} new, "
       f"cache {s['cache_len']}; update in {out['microbatches']} microbatch(es)"
-      + (", layers rematerialised (--prototype_remat)" if out.get("prototype_remat") else ""),
+      + (", layers rematerialised (config.remat)" if out["remat"] else ""),
       "resident  " + ", ".join(f"{k} {_gib(v)}" for k, v in out["resident_bytes"].items())
       + " GiB per device",
       "",
@@ -587,8 +515,6 @@ def main(argv=None) -> int:
                        "task's longest prompt for a model with a tokenizer, else 256")
   flags.DEFINE_enum("programs", "all", PROGRAM_SETS, "compile all programs, only the "
                     "update, or only the sampler's (materialise, prefill, decode)")
-  flags.DEFINE_bool("prototype_remat", False, "measure the update with every decoder layer "
-                    "rematerialised (jax.checkpoint), a prototype of an option t2jax lacks")
   flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB; 0 = by device kind")
   flags.DEFINE_multi_string("rule", [], "REGEX=AXES: a partition rule tried before "
                             "t2jax.sharding.PARTITION_RULES (repeatable), e.g. "
@@ -601,7 +527,7 @@ def main(argv=None) -> int:
     topo = topology(f.topology, f.hbm_gib)
     rules = [parse_rule(r) for r in f.rule]
     sharding.PARTITION_RULES[:0] = rules  # this process only: first match wins
-    out = plan(f.config, topo, f.prompt_len, f.programs, f.prototype_remat)
+    out = plan(f.config, topo, f.prompt_len, f.programs)
     out["extra_rules"] = [f"{pattern} → {spec}" for pattern, spec in rules]
     out["config"] = config_flags.get_config_filename(f["config"])
     print(format_report(out), flush=True)

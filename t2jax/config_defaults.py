@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl = "exact"  # off | exact (full-vocabulary KL(π_z‖π_base)) | k3
   c.kl_coef = 0.05
   c.microbatches = 1  # gradient accumulation: the update runs batch_size / this prompts at a time
+  c.remat = False  # recompute each decoder layer in the update's backward pass (less memory)
   c.logprob_norm = "sum"  # sum | mean (length-normalised sequence log-prob)
   # optimizer
   c.optimizer = "adam"  # adam | adamw

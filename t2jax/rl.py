@@ -43,6 +43,7 @@ class RLSettings:
   logprob_norm: str = "sum"  # sequence log-prob summed (official) or length-normalised
   parametrisation: str = "scale"
   max_mult: float = 2.0
+  remat: bool = False  # recompute each decoder layer in the backward pass (llama.forward)
 
   def __post_init__(self):
     for value, allowed, what in ((self.baseline, BASELINES, "baseline"),
@@ -76,7 +77,8 @@ def advantages(reward_BxG: jnp.ndarray, baseline: str) -> jnp.ndarray:
   return reward_BxG - others
 
 
-def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig) -> jnp.ndarray:
+def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
+                      remat: bool = False) -> jnp.ndarray:
   """Float32 logits [N, C, V]: position t predicts completion token t."""
   b, p = batch.prompt_BxP.shape
   n, c = batch.completion_NxC.shape
@@ -85,7 +87,8 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig) -> jnp
   key_valid = jnp.concatenate([batch.prompt_mask_BxP, jnp.ones((b, c - 1), bool)], axis=1)
   positions = llama.positions_from_mask(batch.prompt_mask_BxP)
   hidden_BxPxD, cache = llama.forward(params, batch.prompt_BxP, positions, cache,
-                                      jnp.zeros((), jnp.int32), key_valid, cfg=cfg)
+                                      jnp.zeros((), jnp.int32), key_valid, cfg=cfg,
+                                      remat=remat)
   rep = lambda x: jnp.repeat(x, g, axis=0)  # [B, ...] → [N, ...], prompt b's G rows together
   hidden_first_Nx1xD = rep(hidden_BxPxD[:, -1:])  # left padding: the prompt ends at slot P-1
   if c == 1:
@@ -95,7 +98,7 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig) -> jnp
   start_N = rep(positions[:, -1] + 1)
   inputs_NxC1 = batch.completion_NxC[:, :-1]
   hidden_rest, _ = llama.forward(params, inputs_NxC1, start_N[:, None] + jnp.arange(c - 1), cache,
-                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg)
+                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg, remat=remat)
   return llama.lm_head(params, jnp.concatenate([hidden_first_Nx1xD, hidden_rest], axis=1))
 
 
@@ -130,7 +133,7 @@ def policy_loss(adapted: dict, params: dict, batch: Rollouts, *, cfg: ModelConfi
   """The loss of loss_fn given the policy's weights `adapted` (W' materialised) and the base
   `params` (the KL reference). `adv_N`: advantages computed over the larger batch this one is
   a microbatch of."""
-  logits = completion_logits(adapted, batch, cfg=cfg)
+  logits = completion_logits(adapted, batch, cfg=cfg, remat=settings.remat)
   mask = batch.completion_mask_NxC
   logp_NxC = token_logprobs(logits, batch.completion_NxC)
   if adv_N is None:

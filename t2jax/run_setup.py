@@ -57,7 +57,7 @@ def eval_subset(records, size: int) -> list:
 def rl_settings(cfg) -> rl.RLSettings:
   return rl.RLSettings(baseline=cfg.baseline, kl=cfg.kl, kl_coef=float(cfg.kl_coef),
                        logprob_norm=cfg.logprob_norm, parametrisation=cfg.parametrisation,
-                       max_mult=float(cfg.max_mult))
+                       max_mult=float(cfg.max_mult), remat=bool(cfg.remat))
 
 
 @dataclasses.dataclass

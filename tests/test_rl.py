@@ -3,6 +3,8 @@ prefix sharing, the sampler's own log-probs, and a finite-difference gradient.""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,9 +167,9 @@ def test_train_step_moves_only_z_and_counts(tiny):
 
 
 @pytest.mark.parametrize("baseline", ["batch_mean", "leave_one_out"])
-def test_microbatched_update_equals_the_whole_batch(tiny, baseline):
-  """Gradient accumulation over 2 microbatches (advantages still over the whole batch) gives
-  the update of one pass over the batch."""
+def test_microbatched_and_rematerialised_updates_equal_the_whole_batch(tiny, baseline):
+  """Gradient accumulation over 2 and 4 microbatches (advantages still over the whole batch),
+  and layers recomputed in the backward pass (remat), give the update of one plain pass."""
   model, dec = tiny
   rng = np.random.default_rng(5)
   batch = _rollouts(rng, b=4, g=2)
@@ -176,19 +178,23 @@ def test_microbatched_update_equals_the_whole_batch(tiny, baseline):
                                total_steps=1, weight_decay=0.0, grad_clip=0.0)
   from t2jax import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh("data:-1")
-  settings = rl.RLSettings(baseline=baseline, kl="exact", kl_coef=0.1)
   z0 = jax.tree.map(np.asarray, _z(model, rng, 0.05))  # host copies: the update donates
   out = {}
-  for k in (1, 2, 4):
+  for k, remat in ((1, False), (2, False), (4, False), (1, True), (2, True)):
+    settings = rl.RLSettings(baseline=baseline, kl="exact", kl_coef=0.1, remat=remat)
     step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=model.config,
                                    settings=settings, optimizer=opt, num_microbatches=k)
-    state, metrics = step_fn(trainer.init_state(z0, opt, seed=0), batch, model.params,
-                             dec.factors)
-    out[k] = (jax.tree.leaves(state.z), metrics)
-  for k in (2, 4):
-    for a, b in zip(out[1][0], out[k][0]):
-      np.testing.assert_allclose(b, a, atol=1e-6)
+    state0 = trainer.init_state(z0, opt, seed=0)
+    # remat must reach the program: one checkpoint per decoder layer and forward pass
+    jaxpr = str(jax.make_jaxpr(step_fn)(state0, batch, model.params, dec.factors))
+    assert bool(re.search(r"\b(remat2|checkpoint)\[", jaxpr)) == remat, (k, remat)
+    state, metrics = step_fn(state0, batch, model.params, dec.factors)
+    out[k, remat] = (jax.tree.leaves(state.z), metrics)
+  for key in ((2, False), (4, False), (1, True), (2, True)):
+    for a, b in zip(out[1, False][0], out[key][0]):
+      np.testing.assert_allclose(b, a, atol=1e-6, err_msg=str(key))
     for name in ("loss", "kl", "logp_per_token", "tokens", "grad_norm"):
-      np.testing.assert_allclose(out[k][1][name], out[1][1][name], rtol=1e-5, err_msg=name)
+      np.testing.assert_allclose(out[key][1][name], out[1, False][1][name], rtol=1e-5,
+                                 err_msg=f"{name} {key}")
   with pytest.raises(ValueError, match="microbatches=3 does not divide the batch of 4"):
     trainer.microbatches(jax.tree.map(jnp.asarray, batch), jnp.zeros(8), 3)

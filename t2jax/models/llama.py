@@ -22,6 +22,7 @@ an adapter (svf.py) replaces the dense product at call time.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -78,6 +79,37 @@ def _attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, visible_BxTxS):
   return out.reshape(b, g, h // g, t, kd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * kd)
 
 
+def _layer(x_BxTxD, p: dict, a: dict, k_cache, v_cache, positions_BxT, write_index,
+           visible_BxTxS, *, cfg: ModelConfig, linear: Linear):
+  """One decoder layer: attention over the cache (this call's K/V written at write_index),
+  then the MLP. Returns the new residual stream and the layer's updated cache."""
+  b, t, _ = x_BxTxD.shape
+  n_h, n_kv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  inv_freq = rope.inv_frequencies(cfg)
+  ad = lambda block, name: a.get(block, {}).get(name)
+  h = rms_norm(x_BxTxD, p["input_layernorm"], cfg.rms_norm_eps)
+  attn = p["self_attn"]
+  q = linear(h, attn["q_proj"], ad("self_attn", "q_proj")).reshape(b, t, n_h, kd)
+  k = linear(h, attn["k_proj"], ad("self_attn", "k_proj")).reshape(b, t, n_kv, kd)
+  v = linear(h, attn["v_proj"], ad("self_attn", "v_proj")).reshape(b, t, n_kv, kd)
+  q = rope.apply_rope(q, positions_BxT, inv_freq)
+  k = rope.apply_rope(k, positions_BxT, inv_freq)
+  zero = jnp.zeros((), jnp.int32)
+  start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
+  k_cache = jax.lax.dynamic_update_slice(
+      k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+  v_cache = jax.lax.dynamic_update_slice(
+      v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+  out = _attention(q, k_cache, v_cache, visible_BxTxS)
+  x_BxTxD = x_BxTxD + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
+  h = rms_norm(x_BxTxD, p["post_attention_layernorm"], cfg.rms_norm_eps)
+  mlp = p["mlp"]
+  gate = linear(h, mlp["gate_proj"], ad("mlp", "gate_proj"))
+  up = linear(h, mlp["up_proj"], ad("mlp", "up_proj"))
+  x_BxTxD = x_BxTxD + linear(jax.nn.silu(gate) * up, mlp["down_proj"], ad("mlp", "down_proj"))
+  return x_BxTxD, k_cache, v_cache
+
+
 def forward(
     params: dict,
     tokens_BxT: jnp.ndarray,
@@ -89,6 +121,7 @@ def forward(
     cfg: ModelConfig,
     linear: Linear = plain_linear,
     adapters: list | None = None,
+    remat: bool = False,
 ) -> tuple[jnp.ndarray, KVCache]:
   """Runs the decoder on T new tokens per row and writes their K/V at cache slots
   [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
@@ -96,38 +129,22 @@ def forward(
 
   adapters: optional list with one pytree per layer (shaped like that layer's params, holding
   only the adapted projections), handed to `linear` per projection; None for the base model.
+  remat: differentiated, keep only each layer's inputs and recompute the layer in the backward
+  pass (jax.checkpoint): activation memory of one layer instead of all, for a second forward.
   """
-  b, t = tokens_BxT.shape
+  t = tokens_BxT.shape[1]
   s = cache.k[0].shape[2]
-  inv_freq = rope.inv_frequencies(cfg)
   x = params["embed_tokens"][tokens_BxT]
   query_slot_T = write_index + jnp.arange(t)
   visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None] & key_valid_BxS[:, None]
-  n_h, n_kv, kd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  zero = jnp.zeros((), jnp.int32)
-  start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
+  layer = functools.partial(_layer, cfg=cfg, linear=linear)
+  if remat:
+    layer = jax.checkpoint(layer)
   k_out, v_out = [], []
   for i, p in enumerate(params["layers"]):
     a = adapters[i] if adapters is not None else {}
-    ad = lambda block, name: a.get(block, {}).get(name)  # pylint: disable=cell-var-from-loop
-    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-    attn = p["self_attn"]
-    q = linear(h, attn["q_proj"], ad("self_attn", "q_proj")).reshape(b, t, n_h, kd)
-    k = linear(h, attn["k_proj"], ad("self_attn", "k_proj")).reshape(b, t, n_kv, kd)
-    v = linear(h, attn["v_proj"], ad("self_attn", "v_proj")).reshape(b, t, n_kv, kd)
-    q = rope.apply_rope(q, positions_BxT, inv_freq)
-    k = rope.apply_rope(k, positions_BxT, inv_freq)
-    k_cache = jax.lax.dynamic_update_slice(
-        cache.k[i], k.transpose(0, 2, 1, 3).astype(cache.k[i].dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(
-        cache.v[i], v.transpose(0, 2, 1, 3).astype(cache.v[i].dtype), start)
-    out = _attention(q, k_cache, v_cache, visible_BxTxS)
-    x = x + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
-    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-    mlp = p["mlp"]
-    gate = linear(h, mlp["gate_proj"], ad("mlp", "gate_proj"))
-    up = linear(h, mlp["up_proj"], ad("mlp", "up_proj"))
-    x = x + linear(jax.nn.silu(gate) * up, mlp["down_proj"], ad("mlp", "down_proj"))
+    x, k_cache, v_cache = layer(x, p, a, cache.k[i], cache.v[i], positions_BxT, write_index,
+                                visible_BxTxS)
     k_out.append(k_cache)
     v_out.append(v_cache)
   x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
