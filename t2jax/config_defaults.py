@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ""  # "" = the embedded SmolLM2-135M-Instruct; or an HF directory / .gguf file
   c.dtype = "float32"
   # task
-  c.task = "math"  # math (procedural arithmetic) | gsm8k (JSONL files)
+  c.task = "math"  # math | gsm8k | code | humaneval | mbpp | reasoning | arc | cls
   c.task_args = ml_collections.ConfigDict()  # keyword arguments of the task (see t2jax/tasks)
   # SVF
   c.targets = ""  # regex over "layers/<block>/<name>"; "" = MLP gate/up/down (official)

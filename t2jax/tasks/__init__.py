@@ -9,6 +9,12 @@ from t2jax.tasks.base import Task, TaskError
 _REGISTRY = {
     "math": ("t2jax.tasks.math", "Arithmetic"),
     "gsm8k": ("t2jax.tasks.math", "GSM8K"),
+    "code": ("t2jax.tasks.code", "ProceduralCode"),
+    "humaneval": ("t2jax.tasks.code", "HumanEval"),
+    "mbpp": ("t2jax.tasks.code", "MBPP"),
+    "reasoning": ("t2jax.tasks.reasoning", "ProceduralReasoning"),
+    "arc": ("t2jax.tasks.reasoning", "ARC"),
+    "cls": ("t2jax.tasks.cls", "Classification"),
 }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any, Protocol, Sequence
+import random
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 SPLITS = ("train", "val", "test")
 Record = dict[str, Any]
@@ -57,4 +59,51 @@ def read_jsonl(path: str, required: Sequence[str]) -> list[Record]:
       out.append(rec)
   if not out:
     raise TaskError(f"{path} holds no records.")
+  return out
+
+
+def split_of(key: str, val_pct: int, test_pct: int) -> str:
+  """The split of a record by a hash of its identity: stable across runs, machines and
+  dataset orderings, so a record never moves between train and test."""
+  bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+  if bucket < test_pct:
+    return "test"
+  if bucket < test_pct + val_pct:
+    return "val"
+  return "train"
+
+
+# Consecutive draws that add nothing before a generator counts as exhausted.
+_GIVE_UP = 5000
+
+
+def draw_splits(draw: Callable[[random.Random], tuple[Any, Callable[[], Record]]], seed: int,
+                sizes: Mapping[str, int], what: str, val_pct: int,
+                test_pct: int) -> dict[str, list[Record]]:
+  """Distinct generated problems per split. `draw(rng)` returns a problem's identity and a
+  function that builds its record from the rest of `rng`; the identity's hash picks the
+  split (`split_of`), so the same problem can never land in train and in test."""
+  rng = random.Random(seed)
+  out: dict[str, list[Record]] = {s: [] for s in sizes}
+  seen: set[str] = set()
+  idle = 0
+  while any(len(out[s]) < n for s, n in sizes.items()):
+    key, build = draw(rng)
+    name = repr(key)
+    if name not in seen:
+      # every new problem is built, kept or not, so the stream of draws does not depend on
+      # `sizes`: a smaller request gets a prefix of each split of a larger one.
+      seen.add(name)
+      record = build()
+      split = split_of(name, val_pct, test_pct)
+      if split in out and len(out[split]) < sizes[split]:
+        out[split].append(record)
+        idle = 0
+        continue
+    idle += 1
+    if idle >= _GIVE_UP:
+      short = next(s for s, n in sizes.items() if len(out[s]) < n)
+      raise TaskError(f"{what}: too few distinct problems for {short} "
+                      f"({len(out[short])} of {sizes[short]}); ask for fewer records or "
+                      f"allow more levels/kinds.")
   return out

@@ -4,12 +4,11 @@ JSONL (`question`, `answer` ending in `#### N`). Reward: the final number is rig
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import re
 from typing import Sequence
 
-from t2jax.tasks.base import Record, TaskError, check_split, read_jsonl
+from t2jax.tasks.base import Record, TaskError, check_split, read_jsonl, split_of
 
 # level → (digits of the operands, operators)
 LEVELS = {
@@ -48,15 +47,6 @@ def extract_answer(completion: str) -> float | None:
       return parse_number(found[-1])
   numbers = _ANY_NUMBER.findall(completion)
   return parse_number(numbers[-1]) if numbers else None
-
-
-def _split_of(key: str, val_pct: int, test_pct: int) -> str:
-  bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
-  if bucket < test_pct:
-    return "test"
-  if bucket < test_pct + val_pct:
-    return "val"
-  return "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +92,7 @@ class Arithmetic(_MathBase):
   def records(self, split: str) -> Sequence[Record]:
     check_split(split)
     recs = [r for r in self._all()
-            if _split_of(r["question"], self.val_pct, self.test_pct) == split]
+            if split_of(r["question"], self.val_pct, self.test_pct) == split]
     if not recs:
       raise TaskError(f"arithmetic level {self.level} has no {split} records.")
     return recs
@@ -138,7 +128,7 @@ class GSM8K(_MathBase):
     if self.val_path:
       return self._load(self.train_path if split == "train" else self.val_path, split)
     recs = [r for r in self._load(self.train_path, "train")
-            if (_split_of(r["question"], self.val_pct, 0) == "val") == (split == "val")]
+            if (split_of(r["question"], self.val_pct, 0) == "val") == (split == "val")]
     if not recs:
       raise TaskError(f"gsm8k: the {split} split of {self.train_path} is empty.")
     return recs

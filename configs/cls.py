@@ -1,0 +1,39 @@
+"""SVF classification expert for the two-pass `cls_expert` strategy: RL on prompts drawn from
+the TRAIN splits of the source tasks (math, code, reasoning), rewarded +1 when the completion's
+\\boxed{label} names the prompt's source (the official code trained it on test splits; we do
+not). Its prompt is adapt.py's pass-1 prompt (tasks/cls.py: classification_messages).
+
+  python -m t2jax.train --config configs/cls.py --workdir runs/cls [--config.steps=40]
+  python -m t2jax.train --config configs/cls.py --config.task_args.sources=math,code ...
+
+The recipe mirrors configs/math.py and is not tuned yet.
+"""
+
+import ml_collections
+
+from t2jax.config_defaults import base_config
+
+
+def get_config():
+  c = base_config()
+  c.task = "cls"
+  c.task_args.sources = "math,code,reasoning"  # each source task's name is a label (+ "other")
+  c.task_args.per_source = 200  # prompts per label over cls train/val/test (same count per label)
+  c.task_args.val_fraction = 0.1
+  c.task_args.test_fraction = 0.1
+  c.task_args.seed = 0  # which train prompts of each source are drawn
+  # task_args of each source task, by name (the evaluated tasks should use the same settings)
+  c.task_args.source_args = ml_collections.ConfigDict({"math": {"level": 2}})
+  c.steps = 40
+  c.batch_size = 16
+  c.samples_per_prompt = 4
+  c.max_new_tokens = 16  # "\boxed{reasoning}" is 7 tokens; room for a short preamble
+  c.temperature = 1.0
+  c.kl = "exact"
+  c.kl_coef = 0.01
+  c.lr = 5e-3
+  c.schedule = "cosine"
+  c.eval_every = 10
+  c.eval_size = 60  # cls val holds per_source · val_fraction records per label
+  c.test_size = 0
+  return c

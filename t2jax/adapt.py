@@ -1,0 +1,384 @@
+"""Two-pass inference (paper §3.2): pass 1 decides which expert(s) fit a prompt, pass 2
+generates with z' = Σ_k α_k z_k. Three strategies, as pure batched functions:
+
+  prompt      the base model classifies the prompt (label_probs, expert=None) → dispatch
+  cls_expert  the same prompt, scored with the classification expert z → dispatch
+  few_shot    CEM searches α on a few train/val records of the target task (few_shot_cem);
+              every prompt of that task then runs with the one mixture
+
+Pass 1 never free-runs a generation: the classification prompt, with the assistant turn opened
+by "\\boxed{", is scored once per prompt; its KV cache is repeated once per label and only each
+label's tokens + "}" run (as rl.completion_logits does for G samples). p(label) is the softmax
+over labels of those summed log-probs. The chat header and the instruction, the same for every
+prompt, run once per batch: a row costs its question, the answer opening and L·(C−1) label
+tokens.
+
+Defects of the official code avoided here: the "other" label runs the base model (not whatever
+expert was loaded last); CEM shots never come from the test split; pass 2 is one batch with an
+expert per row, not one weight reload per expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2jax import atomic, rl, sampling
+from t2jax import expert as expert_lib
+from t2jax.expert import Expert
+from t2jax.generation import Generation, generate
+from t2jax.models import llama
+from t2jax.models.config import ModelConfig
+from t2jax.tasks.base import TaskError
+from t2jax.tasks.cls import OTHER, classification_messages, question_text
+from t2jax.tokenizer import encode_chats
+
+ANSWER_PREFIX = "\\boxed{"  # opens the assistant turn of pass 1
+ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"
+STRATEGIES = ("prompt", "cls_expert", "few_shot")
+OBJECTIVES = ("accuracy", "reward")
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: p(label | prompt), one prefix-shared forward pass.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _label_logprobs(params: dict, prefix_K: jnp.ndarray, rest_BxR: jnp.ndarray,
+                    rest_mask_BxR: jnp.ndarray, labels_LxC: jnp.ndarray,
+                    label_mask_LxC: jnp.ndarray, *, cfg: ModelConfig) -> jnp.ndarray:
+  """log p(label) [B, L], normalised over the L labels, of the prompts prefix + rest[b].
+
+  Three stages over one KV cache of K + R + C − 1 slots: the shared prefix runs once (one
+  row), each row's rest runs after it (left-padded: the padding sits between prefix and rest,
+  masked, and real tokens keep consecutive positions), then the cache is repeated L times and
+  only the label tokens run. K + B·R + B·L·(C−1) tokens instead of B·L·(K + R + C)."""
+  k, (b, r), (l, c) = prefix_K.shape[0], rest_BxR.shape, labels_LxC.shape
+  cache = llama.KVCache.zeros(cfg, 1, k + r + c - 1, params["embed_tokens"].dtype)
+  prefix_valid = jnp.zeros((1, k + r + c - 1), bool).at[:, :k].set(True)
+  _, cache = llama.forward(params, prefix_K[None], jnp.arange(k)[None], cache,
+                           jnp.zeros((), jnp.int32), prefix_valid, cfg=cfg)
+  cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), cache)
+  key_valid_BxS = jnp.concatenate(
+      [jnp.ones((b, k), bool), rest_mask_BxR.astype(bool), jnp.ones((b, c - 1), bool)], axis=1)
+  positions_BxR = k + llama.positions_from_mask(rest_mask_BxR)
+  hidden_BxRxD, cache = llama.forward(params, rest_BxR, positions_BxR, cache,
+                                      jnp.asarray(k, jnp.int32), key_valid_BxS, cfg=cfg)
+  rep = lambda x: jnp.repeat(x, l, axis=0)  # [B, ...] → [N = B·L, ...], row b·L + l: label l
+  logits_NxCxV = rep(llama.lm_head(params, hidden_BxRxD[:, -1:]))  # predicts label token 0
+  labels_NxC = jnp.tile(labels_LxC, (b, 1))
+  if c > 1:  # label token t sits at the rest's last position + 1 + t; the last predicts nothing
+    positions_NxC1 = rep(positions_BxR[:, -1:] + 1) + jnp.arange(c - 1)
+    hidden_rest, _ = llama.forward(params, labels_NxC[:, :-1], positions_NxC1,
+                                   jax.tree.map(rep, cache), jnp.asarray(k + r, jnp.int32),
+                                   rep(key_valid_BxS), cfg=cfg)
+    logits_NxCxV = jnp.concatenate([logits_NxCxV, llama.lm_head(params, hidden_rest)], axis=1)
+  logp_NxC = rl.token_logprobs(logits_NxCxV, labels_NxC)
+  mask_NxC = jnp.tile(label_mask_LxC, (b, 1))
+  seq_BxL = jnp.sum(jnp.where(mask_NxC, logp_NxC, 0.0), axis=1).reshape(b, l)
+  return jax.nn.log_softmax(seq_BxL, axis=-1)
+
+
+def label_tokens(model, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Each label's tokens + "}" [L, C] (right-padded with 0) and their mask [L, C]."""
+  if not labels or len(set(labels)) != len(labels):
+    raise ValueError(f"labels must be distinct and non-empty; got {list(labels)}.")
+  ids = [model.tokenizer(lab + ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+         for lab in labels]
+  c = max(len(x) for x in ids)
+  tokens, mask = np.zeros((len(ids), c), np.int32), np.zeros((len(ids), c), bool)
+  for i, x in enumerate(ids):
+    tokens[i, :len(x)], mask[i, :len(x)] = x, True
+  return tokens, mask
+
+
+def classification_prompts(model, questions: Sequence[str],
+                           labels: Sequence[str]) -> list[list[int]]:
+  """Token ids of pass 1's prompts: the chat template around classification_messages, then
+  the assistant turn opened with "\\boxed{". The label is tokenised on its own and appended:
+  the pre-tokenizer splits "{" from the word after it, so this is how "\\boxed{math}" reads."""
+  prefix = model.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+  chats = encode_chats(model.tokenizer, [classification_messages(q, labels) for q in questions])
+  return [c + prefix for c in chats]
+
+
+def shared_prefix(model, prompts: Sequence[list[int]],
+                  labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+  """(the tokens every prompt starts with, each prompt's rest). The chat header and the
+  classification instruction come before the question, so the prefix is the same for every
+  question (probed with two questions that differ in their first character), which keeps its
+  length, and so the compiled program, the same across tasks. Every rest keeps >= 1 token."""
+  probe_a, probe_b = classification_prompts(model, ["A", "7"], labels)
+  k = next((i for i, (x, y) in enumerate(zip(probe_a, probe_b)) if x != y), len(probe_a))
+  k = min(k, min(len(p) for p in prompts) - 1)
+  while any(p[:k] != probe_a[:k] for p in prompts):  # a question that merged into the prefix
+    k -= 1
+  return list(probe_a[:k]), [list(p[k:]) for p in prompts]
+
+
+def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
+                expert: Expert | None = None, batch_size: int | None = None) -> np.ndarray:
+  """p(label) [B, L] for each question. expert: None (strategy "prompt") or the classification
+  expert (strategy "cls_expert"), materialised once for all rows. Batches of `batch_size`
+  (None = all at once; the last one padded) share one padded length, so one compile serves a
+  whole eval. Per batch: the shared prefix (chat header + instruction) runs once, each row's
+  question and answer opening once, and each label's tokens once per row."""
+  if not questions:
+    raise ValueError("questions is empty.")
+  prompts = classification_prompts(model, questions, labels)
+  labels_LxC, label_mask_LxC = label_tokens(model, labels)
+  longest = max(len(p) for p in prompts)
+  if longest + labels_LxC.shape[1] > model.config.max_length:
+    raise ValueError(f"a classification prompt has {longest} tokens; with its label that "
+                     f"exceeds the model's context of {model.config.max_length} tokens.")
+  prefix_K, rests = shared_prefix(model, prompts, labels)
+  rest_len = sampling.bucket_length(max(len(x) for x in rests))
+  size = batch_size or len(rests)
+  params, adapters, _ = expert_lib.bind(model, expert, size,
+                                        "auto" if expert is None else "materialised")
+  assert adapters is None
+  out = []
+  for start in range(0, len(rests), size):
+    chunk = rests[start:start + size]
+    real = len(chunk)
+    chunk = chunk + [chunk[-1]] * (size - real)
+    rest_BxR, rest_mask_BxR = sampling.left_pad(chunk, model.pad_id, rest_len)
+    logp_BxL = _label_logprobs(params, np.asarray(prefix_K, np.int32), rest_BxR, rest_mask_BxR,
+                               labels_LxC, label_mask_LxC, cfg=model.config)
+    out.append(np.exp(np.asarray(logp_BxL, np.float64))[:real])
+  return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: label probabilities → an expert (or the base model, or a mixture) per row.
+
+
+def dispatch(probs_BxL, labels: Sequence[str], experts: dict[str, Expert], *,
+             threshold: float) -> tuple[list[Expert | None], list[dict[str, float]]]:
+  """Per row: the argmax label's expert; "other" → None (the base model); when max p is below
+  `threshold`, the mixture of ALL experts weighted by their labels' p renormalised over the
+  experts (the seed paper's fallback). Also returns each row's mixture weights ({} = base)."""
+  probs_BxL = np.asarray(probs_BxL, np.float64)
+  labels = list(labels)
+  if probs_BxL.ndim != 2 or probs_BxL.shape[1] != len(labels):
+    raise ValueError(f"probs has shape {probs_BxL.shape}; expected [batch, {len(labels)}].")
+  named = [lab for lab in labels if lab != OTHER]
+  if set(named) != set(experts):
+    raise ValueError(f"every label but {OTHER!r} needs an expert and every expert a label; "
+                     f"labels {labels}, experts {sorted(experts)}.")
+  names = list(experts)
+  columns = [labels.index(n) for n in names]
+  mixtures_memo: dict[tuple, Expert] = {}
+  rows, weights = [], []
+  for p_L in probs_BxL:
+    top = int(np.argmax(p_L))
+    if p_L[top] >= threshold:
+      if labels[top] == OTHER:
+        rows.append(None)
+        weights.append({})
+      else:
+        rows.append(experts[labels[top]])
+        weights.append({labels[top]: 1.0})
+      continue
+    p_K = p_L[columns]
+    w_K = p_K / p_K.sum() if p_K.sum() > 0 else np.full(len(names), 1.0 / len(names))
+    key = tuple(np.round(w_K, 12))
+    if key not in mixtures_memo:
+      mixtures_memo[key] = Expert.mix([experts[n] for n in names], w_K.tolist())
+    rows.append(mixtures_memo[key])
+    weights.append({n: float(w) for n, w in zip(names, w_K)})
+  return rows, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot: CEM over mixture coefficients α on a few records of the target task.
+
+
+@dataclasses.dataclass(frozen=True)
+class CEMResult:
+  alpha: np.ndarray  # [K] or, per_matrix, [K, M] (M = sorted z keys): the best α seen
+  best_score: float  # its objective on the shots
+  history: list[dict[str, Any]]  # per iteration: best, population and at-mean scores; refit
+  matrices: tuple[str, ...] = ()  # per_matrix: the z key of each column of alpha
+
+
+def few_shot_records(task, n: int, split: str = "val", *, seed: int = 0) -> list[dict]:
+  """n records of the target task's train or val split for CEM, drawn with a fixed seed. The
+  test split is refused: the official code drew its shots from test and picked its result on
+  the rest of the test set."""
+  if split not in ("train", "val"):
+    raise TaskError(f"few-shot records must come from the target task's train or val split, "
+                    f"not {split!r}: the test split only scores the result.")
+  records = list(task.records(split))
+  if n < 1 or n > len(records):
+    raise TaskError(f"few-shot needs 1..{len(records)} records of {split}; asked for {n}.")
+  keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:n])
+  return [records[i] for i in keep]
+
+
+def _check_not_test(task, records: Sequence[dict]) -> None:
+  try:
+    test = {json.dumps(r, sort_keys=True, default=str) for r in task.records("test")}
+  except TaskError:  # no test split to load (e.g. GSM8K without test_path): none to leak
+    return
+  leaked = [r for r in records if json.dumps(r, sort_keys=True, default=str) in test]
+  if leaked:
+    raise TaskError(f"{len(leaked)} few-shot record(s) belong to the task's test split; draw "
+                    "shots from train or val (adapt.few_shot_records).")
+
+
+def mix(experts: Sequence[Expert], alpha, matrices: Sequence[str] = (),
+        name: str = "few_shot") -> Expert:
+  """z = Σ_k α_k z_k; α [K] (one weight per expert) or [K, M] (one per expert per matrix,
+  columns named by `matrices`), over raw z as the official code mixes."""
+  alpha = np.asarray(alpha, np.float64)
+  if alpha.ndim == 1:
+    return Expert.mix(experts, alpha.tolist(), name=name)
+  first = experts[0]
+  for e in experts[1:]:
+    first.check_same_space(e)
+  if alpha.shape != (len(experts), len(matrices)) or set(matrices) != set(first.z):
+    raise ValueError(f"per-matrix alpha needs shape [experts, matrices] = [{len(experts)}, "
+                     f"{len(first.z)}] with one column per z key; got {alpha.shape}.")
+  z = {k: sum(float(alpha[i, m]) * e.z[k] for i, e in enumerate(experts)).astype(np.float32)
+       for m, k in enumerate(matrices)}
+  return dataclasses.replace(first, z=z, name=name, metrics={"mixture": {
+      e.name: alpha[i].tolist() for i, e in enumerate(experts)}})
+
+
+def evaluate_population(model, experts: Sequence[Expert], alphas, prompts, records, task, *,
+                        max_new_tokens: int, objective: str = "accuracy",
+                        matrices: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+  """Scores every candidate α on every shot in ONE greedy batch (P·S rows, an expert per row).
+  Returns the objective per candidate [P] and per candidate and shot [P, S]."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective {objective!r} is unknown; use one of {OBJECTIVES}.")
+  candidates = [mix(experts, a, matrices, name=f"candidate{i}") for i, a in enumerate(alphas)]
+  s = len(records)
+  rows = [c for c in candidates for _ in range(s)]
+  gen = generate(model, [p for _ in candidates for p in prompts], max_new_tokens=max_new_tokens,
+                 temperature=0.0, experts=rows)
+  score = task.correct if objective == "accuracy" else task.reward
+  per_PxS = np.array([[float(score(rec, gen.texts[i * s + j])) for j, rec in enumerate(records)]
+                      for i in range(len(candidates))])
+  return per_PxS.mean(axis=1), per_PxS
+
+
+def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records, task, *,
+                 max_new_tokens: int, population: int = 32, elites: int = 6,
+                 iterations: int = 10, init_std: float = 0.5, per_matrix: bool = False,
+                 seed: int = 0, objective: str = "accuracy") -> CEMResult:
+  """Cross-entropy method over α (official: population 32, 6 elites, mean 1/K, std 0.5, α
+  clamped to [0, 1]). Each iteration samples the population around the mean (row 0 is the
+  mean itself, so the result is never worse than the current mean), scores it in one batch
+  and refits mean and std to the elites. Shots: token-id prompts (or strings) and their
+  records, from the target task's train or val split (see few_shot_records)."""
+  experts = list(experts)
+  if not experts:
+    raise ValueError("few_shot_cem needs at least one expert.")
+  if not 1 <= elites <= population or iterations < 1 or init_std < 0:
+    raise ValueError(f"need 1 <= elites <= population, iterations >= 1, init_std >= 0; got "
+                     f"elites={elites}, population={population}, iterations={iterations}, "
+                     f"init_std={init_std}.")
+  if len(shots_prompts) != len(shots_records) or not shots_records:
+    raise ValueError(f"{len(shots_prompts)} shot prompts for {len(shots_records)} records; "
+                     "give one prompt per record, at least one.")
+  _check_not_test(task, shots_records)
+  matrices = tuple(sorted(experts[0].z)) if per_matrix else ()
+  shape = (len(experts), len(matrices)) if per_matrix else (len(experts),)
+  rng = np.random.default_rng(seed)
+  mean, std = np.full(shape, 1.0 / len(experts)), np.full(shape, float(init_std))
+  best_alpha, best_score, history = mean, -np.inf, []
+  for it in range(iterations):
+    pop = rng.normal(mean, std, (population, *shape))
+    pop[0] = mean
+    pop = np.clip(pop, 0.0, 1.0)
+    scores, _ = evaluate_population(model, experts, pop, shots_prompts, shots_records, task,
+                                    max_new_tokens=max_new_tokens, objective=objective,
+                                    matrices=matrices)
+    order = np.argsort(-scores, kind="stable")  # ties: the earlier candidate (the mean first)
+    if scores[order[0]] > best_score:
+      best_alpha, best_score = pop[order[0]], float(scores[order[0]])
+    elite = pop[order[:elites]]
+    mean, std = elite.mean(axis=0), elite.std(axis=0)
+    history.append({"iteration": it, "score_best": float(scores[order[0]]),
+                    "score_population": float(scores.mean()),
+                    "score_at_mean": float(scores[0]),  # the mean this iteration sampled around
+                    "refit_mean": mean.tolist(), "refit_std": std.tolist()})
+  return CEMResult(alpha=np.asarray(best_alpha), best_score=best_score, history=history,
+                   matrices=matrices)
+
+
+def save_alpha(path: str, result: CEMResult, expert_names: Sequence[str]) -> None:
+  """The α found, with the experts it weights (in order) and the search history, as JSON."""
+  atomic.write_text(path, json.dumps({
+      "experts": list(expert_names), "alpha": np.asarray(result.alpha).tolist(),
+      "matrices": list(result.matrices), "best_score": result.best_score,
+      "history": result.history}, indent=1))
+
+
+def load_alpha(path: str) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
+  """(alpha, expert names, matrices) as save_alpha wrote them."""
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  return np.asarray(data["alpha"], np.float64), list(data["experts"]), tuple(data["matrices"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Both passes.
+
+
+def _as_chats(prompts) -> list[list[dict[str, str]]]:
+  if isinstance(prompts, str) or not prompts:
+    raise TypeError("prompts must be a non-empty list of strings or of chat-turn lists.")
+  return [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+
+
+def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: str,
+                      max_new_tokens: int, threshold: float = 0.0,
+                      cls_expert: Expert | None = None, alpha=None,
+                      matrices: Sequence[str] = (), batch_size: int | None = None,
+                      temperature: float = 0.0, seed: int = 0
+                      ) -> tuple[Generation, list[dict[str, float]], dict[str, float]]:
+  """Pass 1 picks each prompt's expert mixture, pass 2 generates all prompts in ONE
+  t2jax.generate call with an expert per row, on the same loaded params.
+
+  prompts: user texts, or chat-turn lists (a task's messages; pass 1 classifies the last user
+  turn, pass 2 poses the whole chat). experts: label → Expert; the labels of pass 1 are these
+  names plus "other". few_shot: `alpha` from few_shot_cem over the experts in dict order (pass
+  1 is then only the mixing; the search is paid once per task). Returns the generation, each
+  row's mixture weights ({} = base model) and the wall time of each pass; each timed pass ends
+  on host data, so the figures include the device work (the first call also compiles)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy {strategy!r} is unknown; use one of {STRATEGIES}.")
+  chats = _as_chats(prompts)
+  names = list(experts)
+  t0 = time.perf_counter()
+  if strategy == "few_shot":
+    if alpha is None:
+      raise ValueError("strategy 'few_shot' needs alpha (from few_shot_cem).")
+    mixed = mix([experts[n] for n in names], alpha, matrices)
+    rows = [mixed] * len(chats)
+    a = np.asarray(alpha, np.float64)
+    weights = [{n: (float(a[i]) if a.ndim == 1 else a[i].tolist())
+                for i, n in enumerate(names)}] * len(chats)
+  else:
+    if strategy == "cls_expert" and cls_expert is None:
+      raise ValueError("strategy 'cls_expert' needs cls_expert (the classification expert).")
+    labels = names + [OTHER]
+    probs = label_probs(model, [question_text(c) for c in chats], labels,
+                        expert=cls_expert if strategy == "cls_expert" else None,
+                        batch_size=batch_size)
+    rows, weights = dispatch(probs, labels, experts, threshold=threshold)
+  t1 = time.perf_counter()
+  tokens = encode_chats(model.tokenizer, chats)
+  gen = generate(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                 seed=seed, experts=rows)
+  t2 = time.perf_counter()
+  return gen, [dict(w) for w in weights], {"pass1_s": t1 - t0, "pass2_s": t2 - t1}

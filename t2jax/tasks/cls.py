@@ -1,0 +1,147 @@
+"""Classification task: which source task does a prompt come from? It trains the classification
+expert of the two-pass `cls_expert` strategy (t2jax/adapt.py), and `classification_messages` is
+the one place that writes the pass-1 prompt, so the expert trains on exactly what it sees there.
+
+Records are prompts drawn ONLY from each source task's TRAIN split (the official code trains its
+classifier on test splits, ARC-Challenge test among them; we never read a source's val or test),
+each labelled with its source name. They are split into disjoint cls train/val/test by a hash
+of the prompt text (the split of a prompt never depends on the seed), with the same count per
+label in every split. The label set is the sources plus "other", which no record carries: it is
+the answer for prompts that fit no expert, and routes them to the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+from typing import Any, Mapping, Sequence
+
+from t2jax.tasks.base import Record, TaskError, check_split
+
+OTHER = "other"
+# What each known label means to the classifier (after the official prompt's guidelines).
+LABEL_DESCRIPTIONS = {
+    "code": "writing, fixing or explaining programs, functions or algorithms",
+    "math": "calculations, equations, word problems with numbers",
+    "reasoning": "logic, science or common-sense questions, often multiple choice",
+    OTHER: "anything that fits none of the above",
+}
+CLASSIFY_INSTRUCTION = (
+    "Classify the question below into exactly one of these categories:\n{categories}\n"
+    "Choose the category of the skill the question mainly needs. Answer with only "
+    "\\boxed{{CATEGORY}}, where CATEGORY is one of: {names}.\n\n"
+    "Question:\n{question}")
+_BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
+
+
+def classification_messages(question: str, labels: Sequence[str]) -> list[dict[str, str]]:
+  """The chat turns that ask for the label of `question` (pass 1 of every two-pass strategy and
+  the cls task's prompt). The model answers `\\boxed{label}`."""
+  categories = "\n".join(f"- {lab}: {LABEL_DESCRIPTIONS.get(lab, lab)}" for lab in labels)
+  text = CLASSIFY_INSTRUCTION.format(categories=categories, names=", ".join(labels),
+                                     question=question)
+  return [{"role": "user", "content": text}]
+
+
+def extract_label(completion: str) -> str | None:
+  """The label in the last \\boxed{...} of a completion, lower-cased; None without one."""
+  found = _BOXED.findall(completion)
+  return found[-1].strip().lower() if found else None
+
+
+def question_text(messages: Sequence[Mapping[str, str]]) -> str:
+  """The user content of a task's chat turns (the last user turn): what is classified."""
+  users = [m["content"] for m in messages if m.get("role") == "user"]
+  if not users:
+    raise TaskError("a source task's messages hold no user turn to classify.")
+  return users[-1]
+
+
+def parse_sources(sources: str) -> list[str]:
+  names = [s.strip() for s in sources.split(",") if s.strip()]
+  if not names or len(set(names)) != len(names) or OTHER in names:
+    raise TaskError(f"cls sources must be distinct task names (not {OTHER!r}), comma-separated; "
+                    f"got {sources!r}.")
+  return names
+
+
+def _hash_bucket(text: str) -> float:
+  return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+  name: str = "cls"
+  sources: str = "math,code,reasoning"  # registered task names; each one is a label
+  source_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name → task_args
+  per_source: int = 200  # records per label, over the three cls splits
+  val_fraction: float = 0.1
+  test_fraction: float = 0.1
+  seed: int = 0  # which train prompts of each source are drawn (not which cls split they go to)
+  reward_correct: float = 1.0
+  reward_wrong: float = -1.0  # ±1 as the math task (the official reward)
+
+  def __post_init__(self):
+    parse_sources(self.sources)
+    if not (0 <= self.val_fraction and 0 <= self.test_fraction
+            and self.val_fraction + self.test_fraction < 1):
+      raise TaskError(f"cls val_fraction {self.val_fraction} and test_fraction "
+                      f"{self.test_fraction} must be >= 0 and sum to < 1.")
+    if self.per_source < 1:
+      raise TaskError(f"cls per_source must be >= 1; got {self.per_source}.")
+    unknown = sorted(set(self.source_args) - set(parse_sources(self.sources)))
+    if unknown:
+      raise TaskError(f"cls source_args names {unknown}, which are not among the sources "
+                      f"{self.sources!r}.")
+
+  @property
+  def labels(self) -> list[str]:
+    return parse_sources(self.sources) + [OTHER]
+
+  def _counts(self) -> dict[str, int]:
+    test = round(self.per_source * self.test_fraction)
+    val = round(self.per_source * self.val_fraction)
+    return {"train": self.per_source - val - test, "val": val, "test": test}
+
+  @functools.cached_property
+  def _splits(self) -> dict[str, list[Record]]:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from t2jax import tasks  # pylint: disable=import-outside-toplevel
+
+    counts = self._counts()
+    bounds = (self.test_fraction, self.test_fraction + self.val_fraction)
+    out: dict[str, list[Record]] = {s: [] for s in counts}
+    for label in parse_sources(self.sources):
+      source = tasks.make_task(label, dict(self.source_args.get(label) or {}))
+      pool = list(source.records("train"))  # never val/test: those judge the experts
+      texts = list(dict.fromkeys(question_text(source.messages(r)) for r in pool))
+      order = np.random.default_rng([self.seed, *label.encode()]).permutation(len(texts))
+      per_split: dict[str, list[str]] = {s: [] for s in counts}
+      for i in order:
+        bucket = _hash_bucket(texts[i])
+        split = "test" if bucket < bounds[0] else "val" if bucket < bounds[1] else "train"
+        if len(per_split[split]) < counts[split]:
+          per_split[split].append(texts[i])
+      for split, got in per_split.items():
+        if len(got) < counts[split]:
+          raise TaskError(f"cls source {label!r} has {len(texts)} distinct train prompts: too "
+                          f"few for {counts[split]} cls {split} records (per_source "
+                          f"{self.per_source}); lower per_source.")
+        out[split] += [{"question": q, "label": label} for q in got]
+    return out
+
+  def records(self, split: str) -> Sequence[Record]:
+    check_split(split)
+    return self._splits[split]
+
+  def messages(self, record: Record) -> list[dict[str, str]]:
+    return classification_messages(record["question"], self.labels)
+
+  def correct(self, record: Record, completion: str) -> bool:
+    return extract_label(completion) == record["label"]
+
+  def reward(self, record: Record, completion: str) -> float:
+    return self.reward_correct if self.correct(record, completion) else self.reward_wrong

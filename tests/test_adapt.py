@@ -1,0 +1,358 @@
+"""Two-pass adaptation (adapt.py) and the classification task (tasks/cls.py), against
+independent references: full-sequence logits per [prompt + label], numpy mixtures, and each
+row generated alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import numpy as np
+import pytest
+import transformers
+
+import t2jax
+from t2jax import adapt
+from t2jax import tasks as tasks_lib
+from t2jax.tasks.base import TaskError, check_split
+from t2jax.tasks.cls import Classification, classification_messages, extract_label
+from t2jax.tasks.math import Arithmetic
+from t2jax.tokenizer import encode_chats
+
+from conftest import randomize_
+
+LABELS = ["math", "code", "reasoning", "other"]  # "reasoning}" is 3 tokens, the others 2
+QUESTIONS = ["What is 3 + 4?",
+             "Write a Python function that returns the sum of a list of integers, or 0.",
+             "All birds fly?"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model(chat_model_dir, tmp_path_factory):
+  """chat_model_dir's shape and tokenizer with every weight re-drawn (randomize_), so logits
+  spread over several units and label probabilities are far from uniform."""
+  cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
+  torch_model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
+  path = str(tmp_path_factory.mktemp("rand_chat"))
+  torch_model.save_pretrained(path, safe_serialization=True)
+  transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
+  return t2jax.load_model(path)
+
+
+def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:
+  base = t2jax.Expert.init(model, name=name)
+  rng = np.random.default_rng(seed)
+  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
+       for k, v in base.z.items()}
+  return dataclasses.replace(base, z=z)
+
+
+@pytest.fixture(scope="module")
+def experts(model):
+  return {"math": _expert(model, 0.8, 1, "math"), "code": _expert(model, 0.8, 2, "code")}
+
+
+def _reference_probs(model, questions, labels, expert=None) -> np.ndarray:
+  """p(label) from full, unshared sequences [prompt + label + "}"], right-padded (causal: the
+  padding after a sequence cannot change it) and run in one model.logits call."""
+  tok = model.tokenizer
+  prefix = tok("\\boxed{", add_special_tokens=False)["input_ids"]
+  prompts = [encode_chats(tok, [classification_messages(q, labels)])[0] + prefix
+             for q in questions]
+  label_ids = [tok(lab + "}", add_special_tokens=False)["input_ids"] for lab in labels]
+  seqs = [(p, lab) for p in prompts for lab in label_ids]
+  width = max(len(p) + len(lab) for p, lab in seqs)
+  ids = np.array([p + lab + [0] * (width - len(p) - len(lab)) for p, lab in seqs])
+  rows = [i for i, (_, lab) in enumerate(seqs) for _ in lab]
+  cols = [len(p) - 1 + t for p, lab in seqs for t in range(len(lab))]
+  logits = np.asarray(model.logits(ids, expert)[np.array(rows), np.array(cols)], np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  picked = logp[np.arange(len(rows)), [t for _, lab in seqs for t in lab]]
+  seq = np.bincount(rows, weights=picked).reshape(len(prompts), len(labels))
+  e = np.exp(seq - seq.max(1, keepdims=True))
+  return e / e.sum(1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1
+
+
+def test_label_probs_equal_full_sequences(model, experts):
+  prompts = adapt.classification_prompts(model, QUESTIONS, LABELS)
+  prefix, rests = adapt.shared_prefix(model, prompts, LABELS)
+  assert len(prefix) > 100 and all(p == prefix + r for p, r in zip(prompts, rests))
+  assert len({len(r) for r in rests}) == 3  # left padding of different lengths
+  tokens, mask = adapt.label_tokens(model, LABELS)
+  assert sorted(set(mask.sum(1))) == [2, 3]  # labels of different token lengths
+  want = _reference_probs(model, QUESTIONS, LABELS)
+  got = adapt.label_probs(model, QUESTIONS, LABELS)
+  assert got.shape == (3, 4) and np.allclose(got.sum(1), 1)
+  assert want.max() > 0.5  # far from uniform: the comparison means something
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  chunked = adapt.label_probs(model, QUESTIONS, LABELS, batch_size=2)  # 2 batches, one padded
+  np.testing.assert_allclose(chunked, want, atol=1e-4)
+  # the classification expert's path: the same scores under the expert's weights
+  e = experts["math"]
+  np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS, LABELS, expert=e),
+                             _reference_probs(model, QUESTIONS, LABELS, e), atol=1e-4)
+
+
+def test_identity_cls_expert_equals_the_prompt_strategy(model):
+  identity = t2jax.Expert.init(model)  # scale z = 1
+  np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS, LABELS, expert=identity),
+                             adapt.label_probs(model, QUESTIONS, LABELS), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _toy_experts():
+  rng = np.random.default_rng(0)
+  make = lambda name: t2jax.Expert(
+      z={"a": rng.standard_normal(4).astype(np.float32),
+         "b": rng.standard_normal(3).astype(np.float32)},
+      fingerprint="f", targets="t", rank=None, name=name)
+  return {"math": make("math"), "code": make("code"), "reasoning": make("reasoning")}
+
+
+def test_dispatch_argmax_other_and_mixture_fallback():
+  experts = _toy_experts()
+  probs = np.array([[0.1, 0.7, 0.1, 0.1],  # code
+                    [0.05, 0.05, 0.1, 0.8],  # other → base model
+                    [0.4, 0.3, 0.1, 0.2]])  # max 0.4 < threshold → mixture of all experts
+  rows, weights = adapt.dispatch(probs, LABELS, experts, threshold=0.5)
+  assert rows[0] is experts["code"] and weights[0] == {"code": 1.0}
+  assert rows[1] is None and weights[1] == {}
+  w = np.array([0.4, 0.3, 0.1]) / 0.8  # p renormalised over the experts ("other" dropped)
+  assert weights[2] == pytest.approx(dict(zip(["math", "code", "reasoning"], w)))
+  for k in ("a", "b"):
+    want = sum(wi * experts[n].z[k] for wi, n in zip(w, ["math", "code", "reasoning"]))
+    np.testing.assert_allclose(rows[2].z[k], want, rtol=1e-6)
+  # threshold 0: always the argmax
+  rows, _ = adapt.dispatch(probs, LABELS, experts, threshold=0.0)
+  assert rows[2] is experts["math"]
+  with pytest.raises(ValueError, match="needs an expert"):
+    adapt.dispatch(probs, LABELS, {"math": experts["math"]}, threshold=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot CEM
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoTask:
+  """Solved iff the completion is exactly `target`; splits given as lists."""
+  splits: dict
+  name: str = "echo"
+
+  def records(self, split):
+    check_split(split)
+    return self.splits[split]
+
+  def messages(self, record):
+    return [{"role": "user", "content": record["question"]}]
+
+  def correct(self, record, completion):
+    return completion == record["target"]
+
+  def reward(self, record, completion):
+    return 1.0 if self.correct(record, completion) else -1.0
+
+
+NEW = 2  # tokens generated per shot
+
+
+@pytest.fixture(scope="module")
+def echo(model, experts):
+  """Shots whose target is what the `math` expert alone says: α = (1, 0) solves them all."""
+  questions = ["Tell me a fact.", "Name a color.", "Count to three.", "Say hello."]
+  gen = t2jax.generate(model, questions, max_new_tokens=NEW, experts=experts["math"])
+  train = [{"question": q, "target": t} for q, t in zip(questions, gen.texts)]
+  test = [{"question": "Held out.", "target": "x"}]
+  task = EchoTask(splits={"train": train, "val": train[:2], "test": test})
+  prompts = encode_chats(model.tokenizer, [task.messages(r) for r in train])
+  return task, prompts, train
+
+
+def test_population_in_one_batch_equals_each_candidate_alone(model, experts, echo):
+  task, prompts, shots = echo
+  pair = [experts["math"], experts["code"]]
+  alphas = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.8, 0.3]])
+  scores, per = adapt.evaluate_population(model, pair, alphas, prompts, shots, task,
+                                          max_new_tokens=NEW)
+  assert per[0].all() and scores[0] == 1.0  # the math expert alone reproduces its targets
+  assert scores.min() < 1.0  # candidates differ
+  for a, row in zip(alphas, per):
+    _, alone = adapt.evaluate_population(model, pair, a[None], prompts, shots, task,
+                                         max_new_tokens=NEW)
+    np.testing.assert_array_equal(alone[0], row)
+
+
+def test_few_shot_cem_clamps_and_improves_the_objective(model, experts, echo, monkeypatch,
+                                                        tmp_path):
+  task, prompts, shots = echo
+  seen = []
+  real = adapt.evaluate_population
+
+  def spy(model_, experts_, alphas, *args, **kwargs):
+    seen.append(np.array(alphas))
+    return real(model_, experts_, alphas, *args, **kwargs)
+
+  monkeypatch.setattr(adapt, "evaluate_population", spy)
+  pair = [experts["math"], experts["code"]]
+  result = adapt.few_shot_cem(model, pair, prompts, shots, task, max_new_tokens=NEW,
+                              population=8, elites=2, iterations=3, init_std=1.0, seed=1)
+  assert len(seen) == 3 and all(p.shape == (8, 2) for p in seen)  # one batch per iteration
+  pops = np.concatenate(seen)
+  assert pops.min() == 0.0 and pops.max() == 1.0  # std 1 draws outside [0, 1]: clamped
+  np.testing.assert_allclose(seen[0][0], [0.5, 0.5])  # row 0: the mean, init 1/K
+  assert np.all((result.alpha >= 0) & (result.alpha <= 1)) and result.alpha.shape == (2,)
+  uniform = result.history[0]["score_at_mean"]  # the initial mean, α = (1/2, 1/2)
+  assert result.best_score > uniform and result.alpha[0] > result.alpha[1]  # towards math
+  assert result.history[-1]["score_at_mean"] > uniform  # the refitted mean moved there too
+  assert result.best_score == max(h["score_best"] for h in result.history)
+  _, per = real(model, pair, result.alpha[None], prompts, shots, task, max_new_tokens=NEW)
+  assert per.mean() == result.best_score  # the α returned scores what CEM recorded
+
+  path = str(tmp_path / "alpha.json")
+  adapt.save_alpha(path, result, ["math", "code"])
+  alpha, names, matrices = adapt.load_alpha(path)
+  np.testing.assert_allclose(alpha, result.alpha)
+  assert names == ["math", "code"] and matrices == ()
+
+
+def test_few_shot_per_matrix_alpha(model, experts, echo):
+  task, prompts, shots = echo
+  pair = [experts["math"], experts["code"]]
+  result = adapt.few_shot_cem(model, pair, prompts[:2], shots[:2], task, max_new_tokens=NEW,
+                              population=4, elites=2, iterations=1, per_matrix=True)
+  keys = sorted(pair[0].z)
+  assert result.alpha.shape == (2, len(keys)) and list(result.matrices) == keys
+  mixed = adapt.mix(pair, result.alpha, result.matrices)
+  k = keys[1]
+  np.testing.assert_allclose(mixed.z[k], result.alpha[0, 1] * pair[0].z[k]
+                             + result.alpha[1, 1] * pair[1].z[k], rtol=1e-6)
+
+
+def test_few_shot_refuses_test_shots(model, experts, echo):
+  task, _, _ = echo
+  with pytest.raises(TaskError, match="train or val"):
+    adapt.few_shot_records(task, 1, "test")
+  assert adapt.few_shot_records(task, 2, "val") == task.records("val")
+  test = list(task.records("test"))
+  prompts = encode_chats(model.tokenizer, [task.messages(r) for r in test])
+  with pytest.raises(TaskError, match="test split"):
+    adapt.few_shot_cem(model, list(experts.values()), prompts, test, task, max_new_tokens=NEW,
+                       population=2, elites=1, iterations=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both passes
+
+
+def test_two_pass_rows_equal_each_row_alone(model, experts):
+  chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+           for q in ["What is 3 + 4?", "Sort a list.", "Is ice cold?", "Name a prime."]]
+  labels = ["math", "code", "other"]
+  probs = adapt.label_probs(model, [c[-1]["content"] for c in chats], labels)
+  threshold = float(np.median(probs.max(1)))  # some rows dispatched, some mixed
+  gen, weights, timing = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
+                                                 threshold=threshold, max_new_tokens=3)
+  rows, want_weights = adapt.dispatch(probs, labels, experts, threshold=threshold)
+  assert weights == want_weights
+  assert any(len(w) == 2 for w in weights) and any(len(w) == 1 for w in weights)
+  assert set(timing) == {"pass1_s", "pass2_s"} and min(timing.values()) > 0
+  for chat, row, text in zip(chats, rows, gen.texts):
+    alone = t2jax.generate(model, encode_chats(model.tokenizer, [chat]), max_new_tokens=3,
+                           experts=row)
+    assert alone.texts[0] == text
+
+  gen, weights, _ = adapt.two_pass_generate(model, chats[:2], experts, strategy="few_shot",
+                                            alpha=[0.25, 0.75], max_new_tokens=3)
+  assert weights == [{"math": 0.25, "code": 0.75}] * 2
+  mixed = t2jax.Expert.mix([experts["math"], experts["code"]], [0.25, 0.75])
+  assert gen.texts == t2jax.generate(model, encode_chats(model.tokenizer, chats[:2]),
+                                     max_new_tokens=3, experts=mixed).texts
+  with pytest.raises(ValueError, match="cls_expert"):
+    adapt.two_pass_generate(model, chats, experts, strategy="cls_expert", max_new_tokens=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classification task
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSource:
+  """Train questions start with 'train', the others with their split's name."""
+  name: str = "fake"
+  n: int = 200
+
+  def records(self, split):
+    check_split(split)
+    return [{"question": f"{split} question {i}?"} for i in range(self.n)]
+
+  def messages(self, record):
+    return [{"role": "system", "content": "sys"}, {"role": "user", "content": record["question"]}]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+  module = types.ModuleType("t2jax_test_fake_tasks")
+  module.FakeSource = FakeSource
+  monkeypatch.setitem(sys.modules, module.__name__, module)
+  monkeypatch.setitem(tasks_lib._REGISTRY, "fake", (module.__name__, "FakeSource"))
+  monkeypatch.setitem(tasks_lib._REGISTRY, "cls", ("t2jax.tasks.cls", "Classification"))
+
+
+def test_cls_records_come_only_from_source_train_splits(registry):
+  task = tasks_lib.make_task("cls", {"sources": "math,fake", "per_source": 20, "seed": 3,
+                                     "val_fraction": 0.2, "test_fraction": 0.2,
+                                     "source_args": {"math": {"level": 1}}})
+  assert task.labels == ["math", "fake", "other"]
+  splits = {s: task.records(s) for s in ("train", "val", "test")}
+  math_train = {r["question"] for r in Arithmetic(level=1).records("train")}
+  for recs in splits.values():
+    for r in recs:
+      assert (r["question"] in math_train if r["label"] == "math"
+              else r["question"].startswith("train question"))
+  questions = {s: {r["question"] for r in recs} for s, recs in splits.items()}
+  assert not (questions["train"] & questions["val"] or questions["train"] & questions["test"]
+              or questions["val"] & questions["test"])
+  for split, n in (("train", 12), ("val", 4), ("test", 4)):  # balanced: n per label
+    assert [r["label"] for r in splits[split]].count("math") == n
+    assert [r["label"] for r in splits[split]].count("fake") == n
+  # reproducible; the seed picks other prompts, never moves a prompt to another cls split
+  assert tasks_lib.make_task("cls", {"sources": "math,fake", "per_source": 20, "seed": 3,
+                                     "val_fraction": 0.2, "test_fraction": 0.2,
+                                     "source_args": {"math": {"level": 1}}}).records("val") \
+      == splits["val"]
+  other = Classification(sources="math,fake", per_source=20, seed=4, val_fraction=0.2,
+                         test_fraction=0.2, source_args={"math": {"level": 1}})
+  assert {r["question"] for r in other.records("train")} & questions["test"] == set()
+  with pytest.raises(TaskError, match="too few"):
+    Classification(sources="fake", per_source=300).records("train")
+
+
+def test_cls_prompt_and_reward(registry):
+  task = Classification(sources="math,fake", per_source=10, source_args={"math": {"level": 1}})
+  math_rec = next(r for r in task.records("train") if r["label"] == "math")
+  fake_rec = next(r for r in task.records("train") if r["label"] == "fake")
+  # the user text of the source's messages, inside the one shared classification prompt
+  assert fake_rec["question"].startswith("train question")
+  assert task.messages(math_rec) == classification_messages(math_rec["question"], task.labels)
+  assert "\\boxed{CATEGORY}" in task.messages(math_rec)[-1]["content"]
+  assert task.reward(math_rec, "\\boxed{math}") == 1.0
+  assert task.reward(math_rec, "It is \\boxed{ Math }.") == 1.0
+  assert task.reward(fake_rec, "\\boxed{math}") == -1.0
+  assert task.reward(math_rec, "math") == -1.0 and not task.correct(math_rec, "")
+  assert extract_label("\\boxed{code} then \\boxed{other}") == "other"
+  with pytest.raises(TaskError, match="distinct"):
+    Classification(sources="math,other")

@@ -1,0 +1,192 @@
+"""Reasoning tasks: choice extraction, ARC JSONL layouts and errors, procedural questions that
+an independent solver agrees with, spread evenly over A-D, in disjoint splits."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import pytest
+
+from t2jax.tasks import make_task
+from t2jax.tasks.base import TaskError
+from t2jax.tasks.reasoning import ARC, ProceduralReasoning, extract_choice
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.mark.parametrize("text,want", [
+    ("The answer is (B).", "B"),
+    ("so the answer is (c)", "C"),
+    ("Answer: d", "D"),
+    ("answer: a, because it floats", "A"),
+    ("The correct answer is: **(B)**", "B"),
+    ("The answer is (A). Wait, no: the answer is (C).", "C"),  # the last announced wins
+    ("The answer is (B). Option A is wrong because it is too small.", "B"),
+    ("I pick option C.", "C"),
+    ("(A) 5, (B) 6 ... so B", "B"),  # a lone letter at the end
+    ("(C) is right: it grows.", "C"),  # the last bracketed letter
+    ("**D**", "D"),
+    ("b", "B"),
+    ("The answer is a dog.", None),  # an article, not an option
+    ("The answer is (E).", None),  # not a label
+    ("no choice made here", None),
+])
+def test_extract_choice(text, want):
+  assert extract_choice(text) == want
+
+
+def test_extract_choice_labels():
+  assert extract_choice("The answer is (E).", "ABCDE") == "E"
+  assert extract_choice("The answer is (C). (A) and (B) fail.", "AB") == "B"
+
+
+def write_jsonl(path, rows) -> str:
+  path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+HF_ROW = {"id": "q1", "question": "Which is a gas?",
+          "choices": {"text": ["rock", "steam", "ice", "wood"], "label": ["A", "B", "C", "D"]},
+          "answerKey": "B"}
+
+
+def test_arc_layouts_prompt_and_reward(tmp_path):
+  numeric = {"id": "q2", "question": "Which is liquid?",
+             "choices": {"text": ["water", "salt", "sand"], "label": ["1", "2", "3"]},
+             "answerKey": "1"}
+  flat = {"question": "Which melts?", "choices": ["iron", "stone", "ice", "glass", "clay"],
+          "answerKey": "C"}
+  ai2 = {"id": "q4", "question": {"stem": "Which grows?", "choices": [
+      {"text": "a plant", "label": "A"}, {"text": "a rock", "label": "B"}]}, "answerKey": "A"}
+  test = write_jsonl(tmp_path / "test.jsonl", [HF_ROW, numeric, flat, ai2])
+  train = write_jsonl(tmp_path / "train.jsonl", [dict(HF_ROW, id=f"t{i}") for i in range(40)])
+  task = ARC(train_path=train, test_path=test)
+  gas, liquid, melts, grows = task.records("test")
+  assert [r["answer"] for r in (gas, liquid, melts, grows)] == ["B", "A", "C", "A"]
+  assert liquid["choices"] == ["water", "salt", "sand"]
+  assert task.messages(gas) == [{"role": "user", "content": gas["question"]}]
+  assert gas["question"].startswith("Which is a gas?\n\n(A) rock\n(B) steam\n(C) ice\n(D) wood")
+  assert "The answer is (X)" in gas["question"]
+  assert task.reward(gas, "Steam is water vapour. The answer is (B).") == 1.0
+  assert task.reward(gas, "The answer is (A).") == 0.0
+  assert task.correct(melts, "the answer is (e)") is False and task.correct(melts, "(c)")
+  assert not task.correct(grows, "The answer is (C).")  # only two options
+  tr, va = task.records("train"), task.records("val")
+  assert len(tr) + len(va) == 40 and va and not {r["id"] for r in tr} & {r["id"] for r in va}
+
+
+def test_arc_errors(tmp_path):
+  test = write_jsonl(tmp_path / "test.jsonl", [HF_ROW])
+  bad = write_jsonl(tmp_path / "bad.jsonl", [HF_ROW, "", "[1, 2"])
+  with pytest.raises(TaskError, match="bad.jsonl:3: not valid JSON"):
+    ARC(train_path=bad, test_path=test).records("train")
+  missing = write_jsonl(tmp_path / "missing.jsonl", [{"question": "q", "choices": ["a", "b"]}])
+  with pytest.raises(TaskError, match="missing.jsonl:1: missing key"):
+    ARC(test_path=missing).records("test")
+  for row, match in [(dict(HF_ROW, answerKey="E"), "record 2: answerKey 'E'"),
+                     (dict(HF_ROW, choices="abcd"), "record 2: `choices` must be"),
+                     (dict(HF_ROW, choices={"text": ["a"], "label": ["A", "B"]}),
+                      "record 2: `choices` needs")]:
+    path = write_jsonl(tmp_path / "one.jsonl", [HF_ROW, row])
+    with pytest.raises(TaskError, match=re.escape(match)):
+      ARC(test_path=path).records("test")
+  with pytest.raises(TaskError, match="needs a train file"):
+    ARC(test_path=test).records("val")
+
+
+_MORE = {"taller": "tallest", "older": "oldest", "faster": "fastest", "heavier": "heaviest",
+         "richer": "richest"}
+_LESS = {"shorter": "shortest", "younger": "youngest", "slower": "slowest",
+         "lighter": "lightest", "poorer": "poorest"}
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_FACTORS = {("centimetres", "metres"): 100, ("metres", "kilometres"): 1000,
+            ("minutes", "hours"): 60, ("seconds", "minutes"): 60, ("grams", "kilograms"): 1000,
+            ("hours", "days"): 24, ("days", "weeks"): 7, ("millilitres", "litres"): 1000,
+            ("millimetres", "centimetres"): 10, ("months", "years"): 12}
+
+
+def solve(stem: str, choices: list[str]) -> str | None:
+  """The right option's text, worked out from the stem alone; None for kinds not solved here."""
+  if m := re.fullmatch(r"Today is (\w+)\. What day of the week (will it be in|was it) (\d+) "
+                       r"days( ago)?\?", stem):
+    step = int(m[3]) * (1 if m[2] == "will it be in" else -1)
+    return _DAYS[(_DAYS.index(m[1]) + step) % 7]
+  if m := re.fullmatch(r"How many (\w+) are there in (\d+) (\w+)\?", stem):
+    unit, n, given = m[1], int(m[2]), m[3]
+    if (unit, given) in _FACTORS:
+      return f"{n * _FACTORS[unit, given]} {unit}"
+    return f"{n // _FACTORS[given, unit]} {unit}"
+  if m := re.fullmatch(r"(.*) Who is the (second )?(\w+)\?", stem):
+    score = collections.Counter()  # how many people each one is known to exceed
+    facts = re.findall(r"(\w+) is (\w+) than (\w+)\.", m[1])
+    greater = {(a, b) if word in _MORE else (b, a) for a, word, b in facts}
+    for _ in range(3):  # transitive closure over 4 people
+      greater |= {(a, d) for a, b in greater for c, d in greater if b == c}
+    for a, _ in greater:
+      score[a] += 1
+    ranked = sorted(choices, key=lambda p: -score[p])  # most to least
+    rank = 1 if m[2] else 0
+    return ranked[rank] if m[3] in _MORE.values() else ranked[::-1][rank]
+  if m := re.fullmatch(r"Which of these numbers is (not )?(even|a prime number)\?", stem):
+    has = {"even": lambda n: n % 2 == 0,
+           "a prime number": lambda n: all(n % d for d in range(2, n))}[m[2]]
+    (right,) = [c for c in choices if has(int(c)) != bool(m[1])]
+    return right
+  return None
+
+
+def small(**kw) -> ProceduralReasoning:
+  return ProceduralReasoning(**{"train_size": 400, "val_size": 80, "test_size": 80, **kw})
+
+
+def test_procedural_answers_are_right_and_uniform():
+  task = small()
+  recs = task.records("train")
+  solved = collections.Counter()
+  for rec in recs:
+    got = solve(rec["stem"], rec["choices"])
+    if got is not None:
+      assert got == rec["choices"]["ABCD".index(rec["answer"])], rec["question"]
+      solved[rec["kind"]] += 1
+    assert len(set(rec["choices"])) == 4
+    assert task.reward(rec, f"I think so. The answer is ({rec['answer']}).") == 1.0
+    wrong = "ABCD"[("ABCD".index(rec["answer"]) + 1) % 4]
+    assert task.reward(rec, f"The answer is ({wrong}).") == 0.0
+  assert {"weekday", "conversion", "ordering", "odd_one_out"} <= set(solved)
+  assert min(solved.values()) >= 10
+  letters = collections.Counter(r["answer"] for r in recs)
+  assert set(letters) == set("ABCD") and all(60 <= n <= 140 for n in letters.values())
+  assert {r["kind"] for r in recs} == {"ordering", "weekday", "syllogism", "conversion",
+                                       "odd_one_out"}
+
+
+def test_procedural_splits_are_disjoint_and_reproducible():
+  splits = {s: small().records(s) for s in SPLITS}
+  assert {s: len(r) for s, r in splits.items()} == {"train": 400, "val": 80, "test": 80}
+  for field in ("id", "question"):
+    sets = {s: {r[field] for r in recs} for s, recs in splits.items()}
+    assert all(len(sets[s]) == len(splits[s]) for s in SPLITS)
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+  assert small().records("test") == splits["test"]
+  assert small(train_size=10, test_size=30).records("test") == splits["test"][:30]
+  other = small(seed=3).records("test")
+  assert other != splits["test"]
+  assert not {r["id"] for r in other} & {r["id"] for r in splits["train"]}
+  weekdays = small(kinds="weekday", train_size=20).records("train")
+  assert {r["kind"] for r in weekdays} == {"weekday"}
+
+
+def test_make_task_and_errors():
+  assert isinstance(make_task("reasoning", {"kinds": "ordering", "seed": 1}),
+                    ProceduralReasoning)
+  assert isinstance(make_task("arc", {"train_path": "a", "test_path": "b"}), ARC)
+  for name in ("reasoning", "arc"):
+    with pytest.raises(TaskError, match="has no setting"):
+      make_task(name, {"level": 2})
+  with pytest.raises(TaskError, match=r"kinds \['riddles'\]"):
+    ProceduralReasoning(kinds="ordering,riddles")
+  with pytest.raises(TaskError, match="split 'dev'"):
+    small().records("dev")
