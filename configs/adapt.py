@@ -20,10 +20,12 @@ def get_config():
   c.cls_expert = ""  # classification expert dir (configs/cls.py); "" skips cls_expert
   # evaluation
   c.tasks = "math,code,reasoning"  # target tasks, scored on their test splits
-  c.task_args = ml_collections.ConfigDict({"math": {"level": 2}})  # task name → task_args
+  # task name → task_args: the settings each expert was trained with (configs/math.py)
+  c.task_args = ml_collections.ConfigDict({"math": {"level": 2, "system_prompt": ""}})
   c.strategies = "base,experts,prompt,cls_expert,few_shot"  # what to score
   c.eval_size = 128  # test records per task (0 = all)
   c.eval_batch_size = 64  # rows per pass-2 batch (and per pass-1 batch)
+  c.calibrated = True  # divide p(label) by p(label | content-free question) (adapt.calibrate)
   c.threshold = 0.0  # max p(label) below this → p-weighted mixture of all experts (0 = off)
   c.max_new_tokens = ml_collections.ConfigDict({  # per task (official: 512, 1024 for MATH)
       "math": 16, "code": 256, "reasoning": 32})

@@ -122,15 +122,35 @@ def shared_prefix(model, prompts: Sequence[list[int]],
   return list(probe_a[:k]), [list(p[k:]) for p in prompts]
 
 
+# Questions without content (Zhao et al. 2021, "Calibrate Before Use"): their p(label) is the
+# model's bias towards each label name, whatever the question.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def calibrate(probs_BxL, content_free_NxL) -> np.ndarray:
+  """p(label | question) divided by the geometric mean of p(label | content-free question),
+  renormalised per row. The small default model puts ~0.2 % on "reasoning" for any question;
+  without this, no question is ever sent to the reasoning expert."""
+  prior_L = np.exp(np.log(np.asarray(content_free_NxL, np.float64)).mean(axis=0))
+  q_BxL = np.asarray(probs_BxL, np.float64) / prior_L
+  return q_BxL / q_BxL.sum(axis=1, keepdims=True)
+
+
 def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
-                expert: Expert | None = None, batch_size: int | None = None) -> np.ndarray:
+                expert: Expert | None = None, batch_size: int | None = None,
+                calibrated: bool = False) -> np.ndarray:
   """p(label) [B, L] for each question. expert: None (strategy "prompt") or the classification
   expert (strategy "cls_expert"), materialised once for all rows. Batches of `batch_size`
   (None = all at once; the last one padded) share one padded length, so one compile serves a
   whole eval. Per batch: the shared prefix (chat header + instruction) runs once, each row's
-  question and answer opening once, and each label's tokens once per row."""
+  question and answer opening once, and each label's tokens once per row. calibrated: divide
+  by the probabilities of CONTENT_FREE questions (see `calibrate`)."""
   if not questions:
     raise ValueError("questions is empty.")
+  if calibrated:  # the content-free rows ride along in the same batches: no extra compile
+    probs = label_probs(model, list(questions) + list(CONTENT_FREE), labels, expert=expert,
+                        batch_size=batch_size)
+    return calibrate(probs[:len(questions)], probs[len(questions):])
   prompts = classification_prompts(model, questions, labels)
   labels_LxC, label_mask_LxC = label_tokens(model, labels)
   longest = max(len(p) for p in prompts)
@@ -344,7 +364,7 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
                       max_new_tokens: int, threshold: float = 0.0,
                       cls_expert: Expert | None = None, alpha=None,
                       matrices: Sequence[str] = (), batch_size: int | None = None,
-                      temperature: float = 0.0, seed: int = 0
+                      temperature: float = 0.0, seed: int = 0, calibrated: bool = True
                       ) -> tuple[Generation, list[dict[str, float]], dict[str, float]]:
   """Pass 1 picks each prompt's expert mixture, pass 2 generates all prompts in ONE
   t2jax.generate call with an expert per row, on the same loaded params.
@@ -374,7 +394,7 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
     labels = names + [OTHER]
     probs = label_probs(model, [question_text(c) for c in chats], labels,
                         expert=cls_expert if strategy == "cls_expert" else None,
-                        batch_size=batch_size)
+                        batch_size=batch_size, calibrated=calibrated)
     rows, weights = dispatch(probs, labels, experts, threshold=threshold)
   t1 = time.perf_counter()
   tokens = encode_chats(model.tokenizer, chats)

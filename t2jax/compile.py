@@ -335,14 +335,24 @@ PROGRAMS = ("update", "materialise", "prefill", "decode")
 PROGRAM_SETS = ("all", "update", "sampler")
 
 
-def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all") -> dict:
-  """Compiles every program of one training step for `topo`; returns the report as a dict."""
+def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
+         layers: int = 0) -> dict:
+  """Compiles every program of one training step for `topo`; returns the report as a dict.
+  layers > 0 compiles the model cut to its first `layers` decoder layers: the layers are
+  unrolled, so compile time and host memory grow with them; two cuts give per-layer costs to
+  extrapolate a model too big to compile on this host (the report says it is partial)."""
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
     raise CompileUsageError(f"config.dtype {cfg.dtype!r} is not float32, bfloat16 or float16.")
   run_setup.check_config(cfg)
   microbatches = int(cfg.microbatches)
   settings = run_setup.rl_settings(cfg)
   model_cfg, source = presets.model_config(cfg.model or None)
+  full_layers = model_cfg.num_layers
+  if layers:
+    if not 1 <= layers <= full_layers:
+      raise CompileUsageError(f"--layers={layers}: the model has {full_layers} decoder layers; "
+                              f"give 1..{full_layers} (0 = all).")
+    model_cfg = dataclasses.replace(model_cfg, num_layers=layers)
   try:
     mesh = sharding.make_mesh(cfg.mesh, devices=topo.devices)
   except sharding.MeshError as e:
@@ -441,6 +451,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all") -> dic
   fits = all(r.fits(topo.hbm_bytes) for r in reports)
   return {
       "model": source, "params": model_cfg.num_params(), "dtype": cfg.dtype,
+      "layers": model_cfg.num_layers, "full_layers": full_layers,
       "targets": targets, "rank": cfg.rank or None,
       "topology": topo.name, "device_kind": topo.device_kind, "devices": len(topo.devices),
       "hbm_bytes": topo.hbm_bytes, "nominal_hbm_bytes": topo.nominal_hbm_bytes,
@@ -465,7 +476,9 @@ def format_report(out: dict) -> str:
   mesh = ",".join(f"{k}:{v}" for k, v in out["mesh"].items())
   lines = [
       f"model     {out['model']} ({out['params'] / 1e9:.2f}B params, {out['dtype']}); SVF "
-      f"targets {out['targets']!r}, rank {out['rank'] or 'full'}",
+      f"targets {out['targets']!r}, rank {out['rank'] or 'full'}"
+      + (f"; PARTIAL: first {out['layers']} of {out['full_layers']} decoder layers (--layers)"
+         if out["layers"] != out["full_layers"] else ""),
       f"topology  {out['topology']}: {out['devices']} × {out['device_kind']}, "
       f"{_gib(out['nominal_hbm_bytes'])} GiB HBM each ({_gib(out['hbm_bytes'])} usable by XLA);"
       f" mesh {mesh}",
@@ -520,6 +533,8 @@ def main(argv=None) -> int:
                             "t2jax.sharding.PARTITION_RULES (repeatable), e.g. "
                             "'mlp/(gate|up)_proj/ut$=fsdp,tensor'")
   flags.DEFINE_string("json", None, "also write the report as JSON to this path")
+  flags.DEFINE_integer("layers", 0, "compile only the first N decoder layers (0 = all): two "
+                       "cuts give per-layer costs for a model too big to compile on this host")
   flags.mark_flags_as_required(["config", "topology"])
 
   def run(f):
@@ -527,7 +542,7 @@ def main(argv=None) -> int:
     topo = topology(f.topology, f.hbm_gib)
     rules = [parse_rule(r) for r in f.rule]
     sharding.PARTITION_RULES[:0] = rules  # this process only: first match wins
-    out = plan(f.config, topo, f.prompt_len, f.programs)
+    out = plan(f.config, topo, f.prompt_len, f.programs, f.layers)
     out["extra_rules"] = [f"{pattern} → {spec}" for pattern, spec in rules]
     out["config"] = config_flags.get_config_filename(f["config"])
     print(format_report(out), flush=True)

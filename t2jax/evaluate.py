@@ -1,6 +1,8 @@
-"""Accuracy of the base model or an expert on a task split, with greedy decoding.
+"""Accuracy of the base model or an expert on a task split, with greedy decoding; with an
+adaptation config (configs/adapt.py), the two-pass table of t2jax/adapt_eval.py.
 
   python -m t2jax.evaluate --config configs/math.py --split test [--expert runs/math/expert]
+  python -m t2jax.evaluate --config configs/adapt.py --config.experts=math=DIR,... --workdir W
 """
 
 from __future__ import annotations
@@ -71,11 +73,19 @@ def main(argv=None) -> int:
   flags.DEFINE_string("expert", None, "expert directory (default: the base model)")
   flags.DEFINE_string("split", "test", "train | val | test")
   flags.DEFINE_integer("limit", 0, "evaluate N records drawn as training does (0 = all)")
+  flags.DEFINE_string("workdir", None, "adaptation configs: where results.json/.md/.png go")
   flags.mark_flag_as_required("config")
 
   from t2jax import run_setup  # pylint: disable=import-outside-toplevel
 
   def run(f):
+    if "experts" in f.config:  # an adaptation config: the two-pass table
+      from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
+      if not f.workdir:
+        raise ValueError("an adaptation config (configs/adapt.py) needs --workdir for "
+                         "results.json, results.md and results.png.")
+      adapt_eval.run(f.config, f.workdir)
+      return
     result = _evaluate(f)
     if jax.process_index() == 0:
       print(json.dumps(result))

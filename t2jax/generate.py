@@ -2,6 +2,12 @@
 
 Loads a model (default: the embedded SmolLM2-135M-Instruct), generates for every --prompt in
 one batch and prints each completion (or one JSON object with texts, token ids and log-probs).
+With experts, two-pass generation (t2jax/adapt.py) that prints the mixture each prompt got:
+
+  python -m t2jax.generate --experts math=runs/math/expert,code=runs/code/expert \
+      --strategy prompt --prompt "What is 12 + 30?" --prompt "Write a function that ..."
+  ... --strategy cls_expert --cls-expert runs/cls/expert
+  ... --strategy few_shot --alpha W/few_shot_alpha_math.json   (or --alpha 0.7,0.3)
 """
 
 from __future__ import annotations
@@ -27,7 +33,70 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-chat-template", action="store_true",
                  help="feed prompts as raw text instead of a user chat turn")
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  two = p.add_argument_group("two-pass adaptation (all prompts in one batch per pass)")
+  two.add_argument("--experts", default=None, help="LABEL=DIR,... experts saved by t2jax.train")
+  two.add_argument("--strategy", default="prompt", choices=("prompt", "cls_expert", "few_shot"))
+  two.add_argument("--cls-expert", default=None, help="classification expert dir (cls_expert)")
+  two.add_argument("--alpha", default=None, help="few_shot: a JSON file written by the adapt "
+                   "evaluation, or one weight per expert in --experts order, e.g. 0.7,0.3")
+  two.add_argument("--threshold", type=float, default=0.0, help="max p(label) below this → "
+                   "the p-weighted mixture of all experts")
   return p.parse_args(argv)
+
+
+def _alpha(spec: str, names: list[str]):
+  """--alpha as a file from adapt.save_alpha (its experts must be --experts, in order) or as
+  comma-separated weights; returns (alpha, matrices)."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  from t2jax import adapt  # pylint: disable=import-outside-toplevel
+  if os.path.isfile(spec):
+    alpha, saved, matrices = adapt.load_alpha(spec)
+    if saved != names:
+      raise ValueError(f"--alpha {spec} weights experts {saved}; --experts gives {names} (same "
+                       "labels in the same order).")
+    return alpha, matrices
+  try:
+    alpha = [float(x) for x in spec.split(",")]
+  except ValueError:
+    raise ValueError(f"--alpha {spec!r} is neither a file nor comma-separated numbers.") from None
+  if len(alpha) != len(names):
+    raise ValueError(f"--alpha has {len(alpha)} weights for {len(names)} experts {names}.")
+  return alpha, ()
+
+
+def _mixture_text(weights: dict) -> str:
+  if not weights:
+    return "base model (other)"
+  return " + ".join(f"{w:.2f}·{k}" if isinstance(w, float) else f"per-matrix·{k}"
+                    for k, w in weights.items())
+
+
+def _two_pass(args, model):
+  """(texts, mixtures, timing) of two-pass generation, or None without --experts."""
+  if not args.experts:
+    for flag in ("cls_expert", "alpha"):
+      if getattr(args, flag):
+        raise ValueError(f"--{flag.replace('_', '-')} needs --experts.")
+    return None
+  import t2jax  # pylint: disable=import-outside-toplevel
+  from t2jax import adapt, adapt_eval  # pylint: disable=import-outside-toplevel
+  experts = {k: t2jax.Expert.load(v) for k, v in adapt_eval.parse_experts(args.experts).items()}
+  kw = {}
+  if args.strategy == "cls_expert":
+    if not args.cls_expert:
+      raise ValueError("--strategy cls_expert needs --cls-expert DIR.")
+    kw["cls_expert"] = t2jax.Expert.load(args.cls_expert)
+  if args.strategy == "few_shot":
+    if not args.alpha:
+      raise ValueError("--strategy few_shot needs --alpha (a file or weights).")
+    kw["alpha"], kw["matrices"] = _alpha(args.alpha, list(experts))
+  if args.no_chat_template:
+    raise ValueError("two-pass generation classifies chat prompts: drop --no-chat-template.")
+  gen, mixtures, timing = adapt.two_pass_generate(
+      model, args.prompt, experts, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+      threshold=args.threshold, temperature=args.temperature, seed=args.seed, **kw)
+  return gen, mixtures, timing
 
 
 def main(argv=None) -> int:
@@ -38,21 +107,31 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = t2jax.load_model(args.model, dtype=args.dtype)
     t1 = time.perf_counter()
-    out = t2jax.generate(model, args.prompt, max_new_tokens=args.max_new_tokens,
-                         min_new_tokens=args.min_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                         chat_template=not args.no_chat_template)
+    two = _two_pass(args, model)
+    if two is None:
+      out, mixtures, timing = t2jax.generate(
+          model, args.prompt, max_new_tokens=args.max_new_tokens,
+          min_new_tokens=args.min_new_tokens, temperature=args.temperature, top_p=args.top_p,
+          top_k=args.top_k, seed=args.seed, chat_template=not args.no_chat_template), None, None
+    else:
+      out, mixtures, timing = two
     t2 = time.perf_counter()
   except (ValueError, TypeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   n_tokens = sum(len(t) for t in out.token_ids)
   if args.json:
+    extra = {} if mixtures is None else {"mixtures": mixtures, "strategy": args.strategy,
+                                         "timing": timing}
     print(json.dumps({"texts": out.texts, "token_ids": out.token_ids, "logprobs": out.logprobs,
-                      "load_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3)}))
+                      "load_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3), **extra}))
   else:
-    for prompt, text in zip(args.prompt, out.texts):
-      print(f">>> {prompt}\n{text}\n")
+    for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
+      chosen = "" if mixtures is None else f"  [{args.strategy}: {_mixture_text(mixtures[i])}]"
+      print(f">>> {prompt}{chosen}\n{text}\n")
+    if timing is not None:
+      print(f"[pass 1 {timing['pass1_s']:.2f}s, pass 2 {timing['pass2_s']:.2f}s]",
+            file=sys.stderr)
     print(f"[{n_tokens} tokens in {t2 - t1:.1f}s incl. compile; load {t1 - t0:.1f}s]",
           file=sys.stderr)
   return 0

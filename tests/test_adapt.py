@@ -104,6 +104,16 @@ def test_label_probs_equal_full_sequences(model, experts):
                              _reference_probs(model, QUESTIONS, LABELS, e), atol=1e-4)
 
 
+def test_calibrated_probs_divide_by_the_content_free_prior(model):
+  raw = _reference_probs(model, QUESTIONS + list(adapt.CONTENT_FREE), LABELS)
+  prior = np.exp(np.log(raw[3:]).mean(0))
+  want = raw[:3] / prior
+  want /= want.sum(1, keepdims=True)
+  got = adapt.label_probs(model, QUESTIONS, LABELS, calibrated=True)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert np.abs(got - raw[:3]).max() > 1e-2  # the prior is not uniform: calibration changes p
+
+
 def test_identity_cls_expert_equals_the_prompt_strategy(model):
   identity = t2jax.Expert.init(model)  # scale z = 1
   np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS, LABELS, expert=identity),
@@ -262,7 +272,7 @@ def test_two_pass_rows_equal_each_row_alone(model, experts):
   chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
            for q in ["What is 3 + 4?", "Sort a list.", "Is ice cold?", "Name a prime."]]
   labels = ["math", "code", "other"]
-  probs = adapt.label_probs(model, [c[-1]["content"] for c in chats], labels)
+  probs = adapt.label_probs(model, [c[-1]["content"] for c in chats], labels, calibrated=True)
   threshold = float(np.median(probs.max(1)))  # some rows dispatched, some mixed
   gen, weights, timing = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
                                                  threshold=threshold, max_new_tokens=3)
@@ -356,3 +366,93 @@ def test_cls_prompt_and_reward(registry):
   assert extract_label("\\boxed{code} then \\boxed{other}") == "other"
   with pytest.raises(TaskError, match="distinct"):
     Classification(sources="math,other")
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptation table (python -m t2jax.evaluate --config configs/adapt.py)
+
+
+def test_parse_experts_errors():
+  from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
+  assert adapt_eval.parse_experts("math=a, code=b") == {"math": "a", "code": "b"}
+  for bad, message in [("math", "not LABEL=DIR"), ("math=a,math=b", "repeated or reserved"),
+                       ("other=a", "repeated or reserved"), ("", "is empty")]:
+    with pytest.raises(ValueError, match=message):
+      adapt_eval.parse_experts(bad)
+
+
+def test_adapt_table_has_every_row(model, experts, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location(
+      "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
+  adapt_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(adapt_config)
+  dirs = {}
+  for name, e in [*experts.items(), ("cls", _expert(model, 0.5, 3, "cls"))]:
+    dirs[name] = str(tmp_path / name)
+    e.save(dirs[name])
+  cfg = adapt_config.get_config()
+  cfg.model = model.source
+  cfg.experts = f"math={dirs['math']},code={dirs['code']}"
+  cfg.cls_expert = dirs["cls"]
+  cfg.tasks = "math,reasoning"  # reasoning has no expert: its right label is "other"
+  cfg.eval_size = 5
+  cfg.eval_batch_size = 4  # two chunks, the last one padded
+  cfg.max_new_tokens = {"math": 3, "reasoning": 3}
+  cfg.few_shot.update(shots=2, population=3, elites=1, iterations=1)
+  out = adapt_eval.run(cfg, str(tmp_path / "w"))
+  with open(tmp_path / "w" / "results.json") as f:
+    saved = json.load(f)
+  assert saved["rows"] == out["rows"]
+  assert set(saved["rows"]) == {"base", "expert:math", "expert:code", "oracle", "prompt",
+                                "cls_expert", "few_shot"}
+  for name, accs in saved["rows"].items():
+    assert set(accs) == {"math", "reasoning"} and all(0 <= a <= 1 for a in accs.values()), name
+  rows = saved["rows"]
+  assert rows["oracle"] == {"math": rows["expert:math"]["math"],
+                            "reasoning": rows["base"]["reasoning"]}
+  for strategy in ("prompt", "cls_expert"):
+    d = saved["dispatch"][strategy]
+    assert d["labels"] == ["math", "code", "other"]
+    assert all(sum(c.values()) == 5 for c in d["confusion"].values())
+    right = d["confusion"]["math"]["math"] + d["confusion"]["reasoning"]["other"]
+    assert d["accuracy"] == pytest.approx(right / 10)
+    assert set(saved["timing"][strategy]["math"]) == {"pass1_s", "pass2_s"}
+  assert saved["timing"]["warm_prompt"]["math"]["pass1_fraction"] > 0
+  assert os.path.isfile(tmp_path / "w" / "few_shot_alpha_math.json")
+  assert os.path.getsize(tmp_path / "w" / "results.png") > 1000
+  assert "| expert:code |" in (tmp_path / "w" / "results.md").read_text()
+
+
+def test_generate_cli_prints_each_prompts_mixture(model, experts, tmp_path, capsys):
+  import importlib  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  generate_cli = importlib.import_module("t2jax.generate")  # t2jax.generate is the function
+
+  for name, e in experts.items():
+    e.save(str(tmp_path / name))
+  spec = f"math={tmp_path / 'math'},code={tmp_path / 'code'}"
+  prompts = ["What is 3 + 4?", "Sort a list.", "Is ice cold?"]
+  argv = ["--model", model.source, "--experts", spec, "--max-new-tokens", "3"]
+  for p in prompts:
+    argv += ["--prompt", p]
+  assert generate_cli.main(argv + ["--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  _, want, _ = adapt.two_pass_generate(model, prompts, experts, strategy="prompt",
+                                       max_new_tokens=3)
+  assert out["mixtures"] == want and out["strategy"] == "prompt"
+  assert generate_cli.main(argv + ["--strategy", "few_shot", "--alpha", "0.25,0.75",
+                                   "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["mixtures"] == [{"math": 0.25, "code": 0.75}] * 3
+  assert generate_cli.main(argv) == 0
+  shown = capsys.readouterr().out
+  assert shown.count("[prompt: ") == 3
+  assert generate_cli.main(argv + ["--strategy", "cls_expert"]) == 2
+  assert "--strategy cls_expert needs --cls-expert DIR" in capsys.readouterr().err

@@ -83,6 +83,23 @@ def test_default_config_fits_v5e_2x2(default_report):
 
 
 @needs_libtpu
+def test_a_partial_model_costs_less_per_layer(default_report, tmp_path):
+  """--layers cuts the model; the per-device memory of every program shrinks and the report
+  says the figures are partial."""
+  _, full = default_report
+  proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2", "--layers=3",
+                     json_path=str(tmp_path / "partial.json"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "PARTIAL: first 3 of 30 decoder layers (--layers)" in proc.stdout
+  with open(tmp_path / "partial.json") as f:
+    part = json.load(f)
+  assert part["layers"] == 3 and part["full_layers"] == full["layers"] == 30
+  for p, q in zip(part["programs"], full["programs"]):
+    assert 0 < p["argument"] < q["argument"], p["name"]
+  assert part["resident_bytes"]["factors"] * 10 == full["resident_bytes"]["factors"]
+
+
+@needs_libtpu
 def test_70b_on_four_v5e_chips_does_not_fit():
   proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2",
                      "--config.model=llama3_70b", "--config.dtype=bfloat16",
@@ -103,6 +120,8 @@ def test_70b_on_four_v5e_chips_does_not_fit():
      "config.mesh='data:3,fsdp:1' does not fit topology v5e:2x2 (4 devices)"),
     (["--topology", "v5e:2x2", "--config.batch_size=6", "--config.mesh=fsdp:-1"],
      "config.batch_size=6 does not split over the 4 batch shards"),
+    (["--topology", "v5e:2x2", "--layers=31"],
+     "--layers=31: the model has 30 decoder layers; give 1..30"),
     (["--topology", "v5e:2x2", "--rule=up_proj/ut$=fsdp,model"],
      "--rule 'up_proj/ut$=fsdp,model': ['model'] are not mesh axes"),
 ])

@@ -23,9 +23,9 @@ from t2jax.tasks.base import Record, TaskError, check_split
 OTHER = "other"
 # What each known label means to the classifier (after the official prompt's guidelines).
 LABEL_DESCRIPTIONS = {
-    "code": "writing, fixing or explaining programs, functions or algorithms",
-    "math": "calculations, equations, word problems with numbers",
-    "reasoning": "logic, science or common-sense questions, often multiple choice",
+    "code": "writing or fixing programs and functions in a programming language",
+    "math": "arithmetic and word problems whose answer is a number",
+    "reasoning": "multiple-choice questions with options (A)-(D): logic, science, common sense",
     OTHER: "anything that fits none of the above",
 }
 CLASSIFY_INSTRUCTION = (
