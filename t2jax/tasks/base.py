@@ -107,3 +107,19 @@ def draw_splits(draw: Callable[[random.Random], tuple[Any, Callable[[], Record]]
                       f"({len(out[short])} of {sizes[short]}); ask for fewer records or "
                       f"allow more levels/kinds.")
   return out
+
+
+def file_split(task, split: str, key: Callable[[Record], str]) -> list[Record]:
+  """records(split) of a task read from files (`task._load(path, what)`, its train_path,
+  test_path, val_path and val_pct): test is always its own file; val is its own file, or is
+  carved out of train by a hash of key(record) when no val file is given."""
+  check_split(split)
+  if split == "test":
+    return task._load(task.test_path, "test")  # pylint: disable=protected-access
+  if task.val_path:
+    return task._load(task.train_path if split == "train" else task.val_path, split)  # pylint: disable=protected-access
+  recs = [r for r in task._load(task.train_path, "train")  # pylint: disable=protected-access
+          if (split_of(key(r), task.val_pct, 0) == "val") == (split == "val")]
+  if not recs:
+    raise TaskError(f"{task.name}: the {split} split of {task.train_path} is empty.")
+  return recs

@@ -18,8 +18,8 @@ import string
 import textwrap
 from typing import Any, Callable, Mapping, Sequence
 
-from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, read_jsonl,
-                              split_of)
+from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, file_split,
+                              read_jsonl, split_of)
 
 # An opening fence at the start of a line, its language tag, then everything up to a closing
 # fence or the end of the text (a completion cut off by max_new_tokens has no closing fence).
@@ -165,16 +165,7 @@ class MBPP(_CodeBase):
     return out
 
   def records(self, split: str) -> Sequence[Record]:
-    check_split(split)
-    if split == "test":
-      return self._load(self.test_path, "test")
-    if self.val_path:
-      return self._load(self.train_path if split == "train" else self.val_path, split)
-    recs = [r for r in self._load(self.train_path, "train")
-            if (split_of(str(r["task_id"]), self.val_pct, 0) == "val") == (split == "val")]
-    if not recs:
-      raise TaskError(f"mbpp: the {split} split of {self.train_path} is empty.")
-    return recs
+    return file_split(self, split, lambda r: str(r["task_id"]))
 
   def program(self, record: Record, completion: str) -> str:
     return "\n\n".join([record["setup"], extract_code(completion), "\n".join(record["tests"])])

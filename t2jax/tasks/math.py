@@ -8,7 +8,7 @@ import itertools
 import re
 from typing import Sequence
 
-from t2jax.tasks.base import Record, TaskError, check_split, read_jsonl, split_of
+from t2jax.tasks.base import Record, TaskError, check_split, file_split, read_jsonl, split_of
 
 # level → (digits of the operands, operators)
 LEVELS = {
@@ -122,13 +122,4 @@ class GSM8K(_MathBase):
     return out
 
   def records(self, split: str) -> Sequence[Record]:
-    check_split(split)
-    if split == "test":
-      return self._load(self.test_path, "test")
-    if self.val_path:
-      return self._load(self.train_path if split == "train" else self.val_path, split)
-    recs = [r for r in self._load(self.train_path, "train")
-            if (split_of(r["question"], self.val_pct, 0) == "val") == (split == "val")]
-    if not recs:
-      raise TaskError(f"gsm8k: the {split} split of {self.train_path} is empty.")
-    return recs
+    return file_split(self, split, lambda r: r["question"])

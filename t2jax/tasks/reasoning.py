@@ -12,8 +12,8 @@ import re
 import string
 from typing import Callable, Sequence
 
-from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, read_jsonl,
-                              split_of)
+from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, file_split,
+                              read_jsonl)
 
 LETTERS = string.ascii_uppercase
 _ASK = "End your reply with 'The answer is (X).', where X is the letter of your choice."
@@ -126,16 +126,7 @@ class ARC(_ChoiceBase):
             for i, rec in enumerate(read_jsonl(path, ("question", "answerKey")))]
 
   def records(self, split: str) -> Sequence[Record]:
-    check_split(split)
-    if split == "test":
-      return self._load(self.test_path, "test")
-    if self.val_path:
-      return self._load(self.train_path if split == "train" else self.val_path, split)
-    recs = [r for r in self._load(self.train_path, "train")
-            if (split_of(r["id"], self.val_pct, 0) == "val") == (split == "val")]
-    if not recs:
-      raise TaskError(f"arc: the {split} split of {self.train_path} is empty.")
-    return recs
+    return file_split(self, split, lambda r: r["id"])
 
 
 # ----------------------------------------------------------------------- procedural questions
