@@ -27,8 +27,8 @@ def get_config():
   c.eval_batch_size = 64  # rows per pass-2 batch (and per pass-1 batch)
   c.calibrated = True  # divide p(label) by p(label | content-free question) (adapt.calibrate)
   c.threshold = 0.0  # max p(label) below this → p-weighted mixture of all experts (0 = off)
-  c.max_new_tokens = ml_collections.ConfigDict({  # per task (official: 512, 1024 for MATH)
-      "math": 16, "code": 256, "reasoning": 32})
+  # per task, as each expert was trained (official: 512, 1024 for MATH)
+  c.max_new_tokens = ml_collections.ConfigDict({"math": 16, "code": 128, "reasoning": 64})
   # few-shot CEM over α (official: population 32, 6 elites, std 0.5, one α per expert per matrix)
   c.few_shot = ml_collections.ConfigDict()
   c.few_shot.shots = 8  # records of the target task; never from its test split
