@@ -102,6 +102,8 @@ def _two_pass(args, model):
 def main(argv=None) -> int:
   args = parse_args(argv)
   import t2jax  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+  # not t2jax.generate: importing this module in-process rebinds that name to the module
+  from t2jax.generation import generate  # pylint: disable=import-outside-toplevel
 
   try:
     t0 = time.perf_counter()
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     two = _two_pass(args, model)
     if two is None:
-      out, mixtures, timing = t2jax.generate(
+      out, mixtures, timing = generate(
           model, args.prompt, max_new_tokens=args.max_new_tokens,
           min_new_tokens=args.min_new_tokens, temperature=args.temperature, top_p=args.top_p,
           top_k=args.top_k, seed=args.seed, chat_template=not args.no_chat_template), None, None

@@ -434,7 +434,9 @@ def test_generate_cli_prints_each_prompts_mixture(model, experts, tmp_path, caps
   import importlib  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
 
-  generate_cli = importlib.import_module("t2jax.generate")  # t2jax.generate is the function
+  fn = t2jax.generate
+  generate_cli = importlib.import_module("t2jax.generate")
+  t2jax.generate = fn  # importing the submodule rebinds the package's name to the module
 
   for name, e in experts.items():
     e.save(str(tmp_path / name))
