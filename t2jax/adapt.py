@@ -40,7 +40,6 @@ from t2jax.tasks.base import TaskError
 from t2jax.tasks.cls import OTHER, classification_messages, question_text
 from t2jax.tokenizer import encode_chats
 
-ANSWER_PREFIX = "\\boxed{"  # opens the assistant turn of pass 1
 ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"
 STRATEGIES = ("prompt", "cls_expert", "few_shot")
 OBJECTIVES = ("accuracy", "reward")
@@ -100,12 +99,11 @@ def label_tokens(model, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def classification_prompts(model, questions: Sequence[str],
                            labels: Sequence[str]) -> list[list[int]]:
-  """Token ids of pass 1's prompts: the chat template around classification_messages, then
-  the assistant turn opened with "\\boxed{". The label is tokenised on its own and appended:
-  the pre-tokenizer splits "{" from the word after it, so this is how "\\boxed{math}" reads."""
-  prefix = model.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-  chats = encode_chats(model.tokenizer, [classification_messages(q, labels) for q in questions])
-  return [c + prefix for c in chats]
+  """Token ids of pass 1's prompts: classification_messages in the chat template, ending in
+  the assistant turn opened with "\\boxed{" (the cls task's prompts, token for token). The
+  label is tokenised on its own and appended: the pre-tokenizer splits "{" from the word after
+  it, so this is how "\\boxed{math}" reads."""
+  return encode_chats(model.tokenizer, [classification_messages(q, labels) for q in questions])
 
 
 def shared_prefix(model, prompts: Sequence[list[int]],

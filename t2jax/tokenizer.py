@@ -53,7 +53,9 @@ def load_tokenizer(path: str):
 
 def encode_chats(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[list[int]]:
   """Chat conversations (lists of {"role", "content"} turns) → token ids of each conversation
-  followed by the assistant's generation prompt."""
+  followed by the assistant's generation prompt. A conversation that ends with an assistant
+  turn has that turn's text prefilled: its tokens (tokenised on their own) follow the
+  generation prompt, with no end of turn, and the model continues them."""
   if tokenizer is None:
     raise ValueError("this model has no tokenizer (its directory has no tokenizer files): pass "
                      "prompts as lists of token ids instead of strings.")
@@ -62,8 +64,14 @@ def encode_chats(tokenizer, chats: Sequence[list[dict[str, str]]]) -> list[list[
                      "(CLI: --no-chat-template) to feed prompts as raw text.")
   out = []
   for turns in chats:
+    prefill = ""
+    if turns and turns[-1].get("role") == "assistant":
+      turns, prefill = turns[:-1], turns[-1]["content"]
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prefill:
+      ids = ids + tokenizer(prefill, add_special_tokens=False)["input_ids"]
+    out.append(ids)
   return out
 
 

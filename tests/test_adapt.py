@@ -63,8 +63,9 @@ def _reference_probs(model, questions, labels, expert=None) -> np.ndarray:
   padding after a sequence cannot change it) and run in one model.logits call."""
   tok = model.tokenizer
   prefix = tok("\\boxed{", add_special_tokens=False)["input_ids"]
-  prompts = [encode_chats(tok, [classification_messages(q, labels)])[0] + prefix
-             for q in questions]
+  user_turns = [classification_messages(q, labels)[:1] for q in questions]  # no prefill
+  prompts = [tok(tok.apply_chat_template(t, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"] + prefix for t in user_turns]
   label_ids = [tok(lab + "}", add_special_tokens=False)["input_ids"] for lab in labels]
   seqs = [(p, lab) for p in prompts for lab in label_ids]
   width = max(len(p) + len(lab) for p, lab in seqs)
@@ -82,6 +83,15 @@ def _reference_probs(model, questions, labels, expert=None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Pass 1
+
+
+def test_a_final_assistant_turn_is_prefilled(model):
+  tok = model.tokenizer
+  user = [{"role": "user", "content": "What is 2+2?"}]
+  (plain,) = encode_chats(tok, [user])
+  (filled,) = encode_chats(tok, [user + [{"role": "assistant", "content": "The answer is"}]])
+  assert filled[:len(plain)] == plain  # the generation prompt, then the prefill, no end of turn
+  assert tok.decode(filled[len(plain):]) == "The answer is"
 
 
 def test_label_probs_equal_full_sequences(model, experts):
@@ -358,7 +368,10 @@ def test_cls_prompt_and_reward(registry):
   # the user text of the source's messages, inside the one shared classification prompt
   assert fake_rec["question"].startswith("train question")
   assert task.messages(math_rec) == classification_messages(math_rec["question"], task.labels)
-  assert "\\boxed{CATEGORY}" in task.messages(math_rec)[-1]["content"]
+  user, opening = task.messages(math_rec)
+  assert "\\boxed{CATEGORY}" in user["content"]
+  assert opening == {"role": "assistant", "content": "\\boxed{"}  # the answer is prefilled
+  assert task.reward(math_rec, "math}") == 1.0 and task.reward(fake_rec, " fake }") == 1.0
   assert task.reward(math_rec, "\\boxed{math}") == 1.0
   assert task.reward(math_rec, "It is \\boxed{ Math }.") == 1.0
   assert task.reward(fake_rec, "\\boxed{math}") == -1.0

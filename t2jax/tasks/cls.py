@@ -33,21 +33,26 @@ CLASSIFY_INSTRUCTION = (
     "Choose the category of the skill the question mainly needs. Answer with only "
     "\\boxed{{CATEGORY}}, where CATEGORY is one of: {names}.\n\n"
     "Question:\n{question}")
+# Opens the assistant's answer, prefilled: the model only has to name the label (pass 1 scores
+# each label's tokens after it; RL rollouts sample them), never to find the format first.
+ANSWER_PREFIX = "\\boxed{"
 _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 
 
 def classification_messages(question: str, labels: Sequence[str]) -> list[dict[str, str]]:
   """The chat turns that ask for the label of `question` (pass 1 of every two-pass strategy and
-  the cls task's prompt). The model answers `\\boxed{label}`."""
+  the cls task's prompt): the user's request, then the assistant turn prefilled with
+  ANSWER_PREFIX, which the model continues with `label}`."""
   categories = "\n".join(f"- {lab}: {LABEL_DESCRIPTIONS.get(lab, lab)}" for lab in labels)
   text = CLASSIFY_INSTRUCTION.format(categories=categories, names=", ".join(labels),
                                      question=question)
-  return [{"role": "user", "content": text}]
+  return [{"role": "user", "content": text}, {"role": "assistant", "content": ANSWER_PREFIX}]
 
 
 def extract_label(completion: str) -> str | None:
-  """The label in the last \\boxed{...} of a completion, lower-cased; None without one."""
-  found = _BOXED.findall(completion)
+  """The label in the last \\boxed{...} of an answer, lower-cased; None without one. A
+  completion of the prefilled turn is read after ANSWER_PREFIX, so "math}" reads as math."""
+  found = _BOXED.findall(completion) or _BOXED.findall(ANSWER_PREFIX + completion)
   return found[-1].strip().lower() if found else None
 
 
