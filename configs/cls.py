@@ -30,6 +30,7 @@ def get_config():
   c.steps = 40
   c.batch_size = 16
   c.samples_per_prompt = 4
+  c.microbatches = 4  # 64 rollouts of ~250-token prompts: one slice reached 12.8 GB here
   c.max_new_tokens = 8  # after the prefilled "\boxed{": the label, "}" and the end of turn
   c.temperature = 1.0
   c.baseline = "batch_mean"

@@ -110,8 +110,10 @@ def prefill(params, tokens_BxT, mask_BxT, limit_B, min_new, rng, adapters=None, 
         cache, sharding.tree_shardings({"cache": cache}, mesh)["cache"])
   key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask_BxT.astype(bool))
   positions = llama.positions_from_mask(mask_BxT)
-  hidden, cache = llama.forward(params, tokens_BxT, positions, cache, jnp.zeros((), jnp.int32),
-                                key_valid, cfg=cfg, linear=linear, adapters=adapters)
+  with sharding.activations_over(mesh):
+    hidden, cache = llama.forward(params, tokens_BxT, positions, cache,
+                                  jnp.zeros((), jnp.int32), key_valid, cfg=cfg, linear=linear,
+                                  adapters=adapters)
   logits_BxV = llama.lm_head(params, hidden[:, -1:])[:, 0]
   state = DecodeState(
       step=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid,

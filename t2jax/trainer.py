@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -131,9 +130,14 @@ def make_step_fn(mesh, params: dict, factors: list, *, cfg: ModelConfig,
   same update up to float rounding, for a fraction of the activation memory)."""
   rep = sharding.replicated(mesh)
   rows = sharding.batch_sharding(mesh)
+
+  def step(state, batch, params, factors):
+    with sharding.activations_over(mesh):  # activations split like the rows, microbatches too
+      return _train_step(state, batch, params, factors, cfg=cfg, settings=settings,
+                         optimizer=optimizer, num_microbatches=num_microbatches)
+
   return jax.jit(
-      functools.partial(_train_step, cfg=cfg, settings=settings, optimizer=optimizer,
-                        num_microbatches=num_microbatches),
+      step,
       in_shardings=(rep, rows, sharding.tree_shardings(params, mesh),
                     sharding.tree_shardings(factors, mesh)),
       out_shardings=(rep, rep), donate_argnums=(0,))

@@ -57,19 +57,21 @@ batch = rl.Rollouts(prompt_BxP=rng.integers(2, 300, (b, p)).astype(np.int32),
 opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="constant", warmup_steps=0,
                              total_steps=2, weight_decay=0.0, grad_clip=1.0)
 out = {}
-for spec in ("data:1,fsdp:1,tensor:1", "data:2,fsdp:2,tensor:2"):
+for spec, k in (("data:1,fsdp:1,tensor:1", 1), ("data:2,fsdp:2,tensor:2", 1),
+                ("data:2,fsdp:2,tensor:2", 2)):  # k: microbatches (a sharded f32 accumulator)
   devices = jax.devices()[: 1 if spec.startswith("data:1") else 8]
   mesh = sharding.make_mesh(spec, devices)
   params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
   factors = jax.device_put(dec.factors, sharding.tree_shardings(dec.factors, mesh))
   step = trainer.make_step_fn(mesh, params, factors, cfg=model.config,
-                              settings=rl.RLSettings(baseline="leave_one_out"), optimizer=opt)
+                              settings=rl.RLSettings(baseline="leave_one_out"), optimizer=opt,
+                              num_microbatches=k)
   state = jax.device_put(trainer.init_state(t2jax.Expert.init(model).z_tree(model), opt, 0),
                          sharding.replicated(mesh))
   for _ in range(2):
     state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)),
                           params, factors)
-  out[spec] = [np.asarray(x).tolist() for x in jax.tree.leaves(state.z)]
+  out[f"{spec} k={k}"] = [np.asarray(x).tolist() for x in jax.tree.leaves(state.z)]
 print(json.dumps(out))
 """
 
@@ -78,11 +80,12 @@ def test_update_on_an_8_device_mesh_equals_one_device(checkpoint):
   path, _ = checkpoint("llama")
   got = _run_on_8_devices(_SCRIPT, path)
 
-  one, eight = got["data:1,fsdp:1,tensor:1"], got["data:2,fsdp:2,tensor:2"]
+  one = got["data:1,fsdp:1,tensor:1 k=1"]
   moved = max(np.abs(np.asarray(a) - 1).max() for a in one)
   assert moved > 1e-3
-  for a, b in zip(one, eight):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  for key in ("data:2,fsdp:2,tensor:2 k=1", "data:2,fsdp:2,tensor:2 k=2"):
+    for a, b in zip(one, got[key]):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=key)
 
 
 def _run_on_8_devices(script: str, *args: str) -> dict:
@@ -163,3 +166,30 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_1_and_4(tmp_path):
   got = _run_on_8_devices(_RESTORE_SCRIPT, str(tmp_path / "run"))
   assert got["1"] == {"equal": True, "devices": [1], "w_shard_rows": 8, "data": {"next": 1}}
   assert got["4"] == {"equal": True, "devices": [4], "w_shard_rows": 2, "data": {"next": 1}}
+
+
+_ROWS_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from t2jax import sharding
+mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+x = jax.device_put(jnp.ones((8, 3)), NamedSharding(mesh, P()))  # replicated rows
+
+def inside(x):
+  with sharding.activations_over(mesh):
+    return sharding.constrain_rows(x * 2), sharding.constrain_rows(x[:3] * 2)
+
+rows, odd = jax.jit(inside)(x)
+plain = jax.jit(lambda x: sharding.constrain_rows(x * 2))(x)
+print(json.dumps({"rows": str(rows.sharding.spec), "odd": str(odd.sharding.spec),
+                  "plain": str(plain.sharding.spec), "left": len(sharding._TRACING_FOR)}))
+"""
+
+
+def test_activations_are_split_over_the_batch_axes_while_tracing_for_a_mesh():
+  got = _run_on_8_devices(_ROWS_SCRIPT)
+  assert got["rows"] == str(sharding.batch_sharding(sharding.make_mesh("data:1")).spec)
+  # 3 rows do not split 4 ways; outside activations_over nothing is constrained
+  assert got["odd"] == got["plain"] == str(jax.sharding.PartitionSpec())
+  assert got["left"] == 0

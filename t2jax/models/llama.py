@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from t2jax import sharding
 from t2jax.models import rope
 from t2jax.models.config import ModelConfig
 
@@ -143,6 +144,7 @@ def forward(
   k_out, v_out = [], []
   for i, p in enumerate(params["layers"]):
     a = adapters[i] if adapters is not None else {}
+    x = sharding.constrain_rows(x)  # the saved (remat) input of each layer, rows split
     x, k_cache, v_cache = layer(x, p, a, cache.k[i], cache.v[i], positions_BxT, write_index,
                                 visible_BxTxS)
     k_out.append(k_cache)
