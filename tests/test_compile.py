@@ -100,6 +100,26 @@ def test_a_partial_model_costs_less_per_layer(default_report, tmp_path):
 
 
 @needs_libtpu
+def test_two_cuts_extrapolate_to_the_whole_model(default_report, tmp_path):
+  """--extrapolate 2,4 compiles two cuts and reports 30 layers from the per-layer cost. It is
+  an estimate (XLA lays out a longer program differently): on this model each program's total
+  lands within -20 % / +100 % of the whole compile's, resident bytes exactly."""
+  _, full = default_report
+  proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2",
+                     "--extrapolate=2,4", json_path=str(tmp_path / "ex.json"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "EXTRAPOLATED to 30 layers from compiles of the first 2 and 4" in proc.stdout
+  with open(tmp_path / "ex.json") as f:
+    ex = json.load(f)
+  assert ex["layers"] == 30 and ex["extrapolated_from"] == [2, 4]
+  assert ex["resident_bytes"] == full["resident_bytes"]
+  assert abs(ex["params"] - full["params"]) <= 1
+  for p, q in zip(ex["programs"], full["programs"]):
+    assert 0.8 * q["total"] <= p["total"] <= 2.0 * q["total"], (p["name"], p["total"], q["total"])
+    assert p["argument"] == q["argument"], p["name"]  # params and factors grow by whole layers
+
+
+@needs_libtpu
 def test_70b_on_four_v5e_chips_does_not_fit():
   proc = run_compile("--config", "configs/math.py", "--topology", "v5e:2x2",
                      "--config.model=llama3_70b", "--config.dtype=bfloat16",
@@ -122,6 +142,10 @@ def test_70b_on_four_v5e_chips_does_not_fit():
      "config.batch_size=6 does not split over the 4 batch shards"),
     (["--topology", "v5e:2x2", "--layers=31"],
      "--layers=31: the model has 30 decoder layers; give 1..30"),
+    (["--topology", "v5e:2x2", "--extrapolate=4,2"],
+     "--extrapolate=4,2: give two cuts 0 < A < B"),
+    (["--topology", "v5e:2x2", "--extrapolate=2,4", "--layers=3"],
+     "give --layers or --extrapolate, not both"),
     (["--topology", "v5e:2x2", "--rule=up_proj/ut$=fsdp,model"],
      "--rule 'up_proj/ut$=fsdp,model': ['model'] are not mesh axes"),
 ])
