@@ -21,7 +21,7 @@ Per device, from XLA's buffer assignment (`compiled.memory_analysis()`):
 
 The plain sum arguments + outputs − aliased + temporaries + code is an upper bound (`bound` in
 the JSON): XLA lays temporaries that are never live together over the same bytes, and on big
-programs the sum overstates the peak by a quarter (8B update on v5e:4x4: 19.1 vs 13.9 GiB,
+programs the sum overstates the peak by a quarter (8B update on v5e:4x4: 18.1 vs 13.9 GiB,
 which XLA compiled for a 15.75 GiB device). The peak is the number XLA's own out-of-memory
 check uses; a program fits when its total is at most what XLA lets a program use on the device
 (`usable_hbm`: 15.75 of v5e's 16 GiB). A program XLA refuses to compile for lack of HBM does
