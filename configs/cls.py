@@ -10,6 +10,9 @@ The assistant turn is prefilled with "\\boxed{" (tasks/cls.py: ANSWER_PREFIX), s
 only names the label and closes the brace. The base model rarely names "reasoning" (p ≈ 0.01 on
 reasoning prompts), so a group of four samples is almost always all wrong there and a per-group
 baseline gives it no gradient; the batch-mean baseline still pushes the wrong labels down.
+Measured here with --config.steps=16 --config.eval_every=8 --config.eval_size=40 (50 min on
+2 busy cores): greedy label accuracy val 0 → 70 %, test 0 → 67 % (the base model answers
+"CATEGORY}"); as the cls_expert of configs/adapt.py it dispatched 96/96 test prompts right.
 """
 
 import ml_collections
