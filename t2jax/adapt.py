@@ -134,6 +134,20 @@ def calibrate(probs_BxL, content_free_NxL) -> np.ndarray:
   return q_BxL / q_BxL.sum(axis=1, keepdims=True)
 
 
+# p(label | content-free question) [N, L] of recent (model, expert, labels): the same for every
+# batch of questions, so later calls skip those rows (3 rows on top of a full batch of
+# questions cost a whole second batch).
+_CONTENT_FREE: list[tuple] = []
+_CONTENT_FREE_KEPT = 8
+
+
+def _content_free_memo(model, expert, labels) -> np.ndarray | None:
+  for m, e, labs, probs in _CONTENT_FREE:
+    if m is model and e is expert and labs == tuple(labels):
+      return probs
+  return None
+
+
 def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
                 expert: Expert | None = None, batch_size: int | None = None,
                 calibrated: bool = False) -> np.ndarray:
@@ -142,12 +156,20 @@ def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
   (None = all at once; the last one padded) share one padded length, so one compile serves a
   whole eval. Per batch: the shared prefix (chat header + instruction) runs once, each row's
   question and answer opening once, and each label's tokens once per row. calibrated: divide
-  by the probabilities of CONTENT_FREE questions (see `calibrate`)."""
+  by the probabilities of CONTENT_FREE questions (see `calibrate`), scored once per (model,
+  expert, labels) and remembered."""
   if not questions:
     raise ValueError("questions is empty.")
-  if calibrated:  # the content-free rows ride along in the same batches: no extra compile
+  if calibrated:
+    content_free = _content_free_memo(model, expert, labels)
+    if content_free is not None:
+      return calibrate(label_probs(model, questions, labels, expert=expert,
+                                   batch_size=batch_size), content_free)
+    # the first time, the content-free rows ride along in the same batches: no extra compile
     probs = label_probs(model, list(questions) + list(CONTENT_FREE), labels, expert=expert,
                         batch_size=batch_size)
+    _CONTENT_FREE.append((model, expert, tuple(labels), probs[len(questions):]))
+    del _CONTENT_FREE[:-_CONTENT_FREE_KEPT]
     return calibrate(probs[:len(questions)], probs[len(questions):])
   prompts = classification_prompts(model, questions, labels)
   labels_LxC, label_mask_LxC = label_tokens(model, labels)
