@@ -477,9 +477,6 @@ def extrapolate(small: dict, large: dict) -> dict:
   grows linearly from b by (size_b − size_a) / (b − a) a layer, the cost of one more decoder
   layer. A program XLA refused at either cut cannot be extrapolated and counts as not fitting."""
   a, b, full = small["layers"], large["layers"], large["full_layers"]
-  if b >= full:
-    raise CompileUsageError(f"--extrapolate={a},{b}: the model has {full} decoder layers; "
-                            f"B must be below that (compile it whole instead).")
   grow = lambda x, y: int(round(y + (y - x) * (full - b) / (b - a)))
   programs = []
   for p, q in zip(small["programs"], large["programs"]):
@@ -553,7 +550,8 @@ def format_report(out: dict) -> str:
   return "\n".join(lines)
 
 
-def _cuts(values: list[str], layers: int) -> tuple[int, int]:
+def _cuts(values: list[str], layers: int, cfg) -> tuple[int, int]:
+  """--extrapolate's two cuts, checked before anything is compiled."""
   if layers:
     raise CompileUsageError("give --layers or --extrapolate, not both.")
   try:
@@ -563,6 +561,10 @@ def _cuts(values: list[str], layers: int) -> tuple[int, int]:
                             f"{','.join(values)!r}.") from None
   if not 0 < a < b:
     raise CompileUsageError(f"--extrapolate={a},{b}: give two cuts 0 < A < B.")
+  full = presets.model_config(cfg.model or None)[0].num_layers
+  if b >= full:
+    raise CompileUsageError(f"--extrapolate={a},{b}: the model has {full} decoder layers; "
+                            f"B must be below that (compile it whole instead).")
   return a, b
 
 
@@ -595,7 +597,7 @@ def main(argv=None) -> int:
     rules = [parse_rule(r) for r in f.rule]
     sharding.PARTITION_RULES[:0] = rules  # this process only: first match wins
     if f.extrapolate:
-      cuts = _cuts(f.extrapolate, f.layers)
+      cuts = _cuts(f.extrapolate, f.layers, f.config)
       out = extrapolate(*(plan(f.config, topo, f.prompt_len, f.programs, n) for n in cuts))
     else:
       out = plan(f.config, topo, f.prompt_len, f.programs, f.layers)

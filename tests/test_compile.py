@@ -146,6 +146,8 @@ def test_70b_on_four_v5e_chips_does_not_fit():
      "--extrapolate=4,2: give two cuts 0 < A < B"),
     (["--topology", "v5e:2x2", "--extrapolate=2,4", "--layers=3"],
      "give --layers or --extrapolate, not both"),
+    (["--topology", "v5e:2x2", "--extrapolate=2,30"],
+     "--extrapolate=2,30: the model has 30 decoder layers; B must be below that"),
     (["--topology", "v5e:2x2", "--rule=up_proj/ut$=fsdp,model"],
      "--rule 'up_proj/ut$=fsdp,model': ['model'] are not mesh axes"),
 ])

@@ -58,7 +58,7 @@ opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="constant", warmup_s
                              total_steps=2, weight_decay=0.0, grad_clip=1.0)
 out = {}
 for spec, k in (("data:1,fsdp:1,tensor:1", 1), ("data:2,fsdp:2,tensor:2", 1),
-                ("data:2,fsdp:2,tensor:2", 2)):  # k: microbatches (a sharded f32 accumulator)
+                ("data:2,fsdp:2,tensor:2", 2)):  # k: microbatches, each keeping the batch split
   devices = jax.devices()[: 1 if spec.startswith("data:1") else 8]
   mesh = sharding.make_mesh(spec, devices)
   params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
