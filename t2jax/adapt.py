@@ -7,11 +7,10 @@ generates with z' = Σ_k α_k z_k. Three strategies, as pure batched functions:
               every prompt of that task then runs with the one mixture
 
 Pass 1 never free-runs a generation: the classification prompt, with the assistant turn opened
-by "\\boxed{", is scored once per prompt; its KV cache is repeated once per label and only each
-label's tokens + "}" run (as rl.completion_logits does for G samples). p(label) is the softmax
-over labels of those summed log-probs. The chat header and the instruction, the same for every
-prompt, run once per batch: a row costs its question, the answer opening and L·(C−1) label
-tokens.
+by "\\boxed{", is scored once per prompt, every label's tokens + "}" riding in the same call
+behind it under a tree mask. p(label) is the softmax over labels of those summed log-probs. The
+chat header and the instruction, the same for every prompt, run once per (model, expert) and
+their KV cache is kept: a row costs its question, the answer opening and L·(C−1) label tokens.
 
 Defects of the official code avoided here: the "other" label runs the base model (not whatever
 expert was loaded last); CEM shots never come from the test split; pass 2 is one batch with an
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2jax import atomic, rl, sampling
+from t2jax import atomic, sampling
 from t2jax import expert as expert_lib
 from t2jax.expert import Expert
 from t2jax.generation import Generation, generate
@@ -49,39 +48,58 @@ OBJECTIVES = ("accuracy", "reward")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _label_logprobs(params: dict, prefix_K: jnp.ndarray, rest_BxR: jnp.ndarray,
+def _prefix_cache(params: dict, prefix_K: jnp.ndarray, *, cfg: ModelConfig) -> llama.KVCache:
+  """The KV cache [1, KVH, K, hd] per layer of the prefix every prompt starts with."""
+  k = prefix_K.shape[0]
+  cache = llama.KVCache.zeros(cfg, 1, k, params["embed_tokens"].dtype)
+  _, cache = llama.forward(params, prefix_K[None], jnp.arange(k)[None], cache,
+                           jnp.zeros((), jnp.int32), jnp.ones((1, k), bool), cfg=cfg)
+  return cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _label_logprobs(params: dict, prefix: llama.KVCache, rest_BxR: jnp.ndarray,
                     rest_mask_BxR: jnp.ndarray, labels_LxC: jnp.ndarray,
                     label_mask_LxC: jnp.ndarray, *, cfg: ModelConfig) -> jnp.ndarray:
   """log p(label) [B, L], normalised over the L labels, of the prompts prefix + rest[b].
 
-  Three stages over one KV cache of K + R + C − 1 slots: the shared prefix runs once (one
-  row), each row's rest runs after it (left-padded: the padding sits between prefix and rest,
-  masked, and real tokens keep consecutive positions), then the cache is repeated L times and
-  only the label tokens run. K + B·R + B·L·(C−1) tokens instead of B·L·(K + R + C)."""
-  k, (b, r), (l, c) = prefix_K.shape[0], rest_BxR.shape, labels_LxC.shape
-  cache = llama.KVCache.zeros(cfg, 1, k + r + c - 1, params["embed_tokens"].dtype)
-  prefix_valid = jnp.zeros((1, k + r + c - 1), bool).at[:, :k].set(True)
-  _, cache = llama.forward(params, prefix_K[None], jnp.arange(k)[None], cache,
-                           jnp.zeros((), jnp.int32), prefix_valid, cfg=cfg)
-  cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), cache)
+  One call after the shared prefix's cache (`_prefix_cache`, K slots): each row runs its rest
+  (left-padded: the padding sits between prefix and rest, masked, and real tokens keep
+  consecutive positions) followed by every label's first C−1 tokens side by side, label l's
+  tokens seeing the prefix, the rest and label l's earlier tokens only (a tree mask).
+  B·(R + A) tokens, A = L·(C−1), instead of B·L·(K + R + C), and no copy of the cache per
+  label."""
+  k, (b, r), (l, c) = prefix.k[0].shape[2], rest_BxR.shape, labels_LxC.shape
+  a = l * (c - 1)
+  s = k + r + a
+  cache = jax.tree.map(  # the prefix in every row, then room for the rest and the labels
+      lambda x: jnp.pad(jnp.broadcast_to(x, (b, *x.shape[1:])),
+                        ((0, 0), (0, 0), (0, s - k), (0, 0))), prefix)
+  # slot layout after the prefix: rest [0, r), then label l's token t at r + l·(C−1) + t
+  label_of_T = np.concatenate([np.full(r, -1), np.repeat(np.arange(l), c - 1)])  # -1: rest
+  step_of_T = np.concatenate([np.zeros(r, int), np.tile(np.arange(c - 1), l)])
+  label_of_S = np.concatenate([np.full(k, -1), label_of_T])
+  causal_TxS = np.arange(s)[None] <= k + np.arange(r + a)[:, None]
+  own_TxS = (label_of_S[None] == -1) | (label_of_S[None] == label_of_T[:, None])
   key_valid_BxS = jnp.concatenate(
-      [jnp.ones((b, k), bool), rest_mask_BxR.astype(bool), jnp.ones((b, c - 1), bool)], axis=1)
+      [jnp.ones((b, k), bool), rest_mask_BxR.astype(bool), jnp.ones((b, a), bool)], axis=1)
+  visible_BxTxS = jnp.asarray(causal_TxS & own_TxS)[None] & key_valid_BxS[:, None]
   positions_BxR = k + llama.positions_from_mask(rest_mask_BxR)
-  hidden_BxRxD, cache = llama.forward(params, rest_BxR, positions_BxR, cache,
-                                      jnp.asarray(k, jnp.int32), key_valid_BxS, cfg=cfg)
-  rep = lambda x: jnp.repeat(x, l, axis=0)  # [B, ...] → [N = B·L, ...], row b·L + l: label l
-  logits_NxCxV = rep(llama.lm_head(params, hidden_BxRxD[:, -1:]))  # predicts label token 0
-  labels_NxC = jnp.tile(labels_LxC, (b, 1))
-  if c > 1:  # label token t sits at the rest's last position + 1 + t; the last predicts nothing
-    positions_NxC1 = rep(positions_BxR[:, -1:] + 1) + jnp.arange(c - 1)
-    hidden_rest, _ = llama.forward(params, labels_NxC[:, :-1], positions_NxC1,
-                                   jax.tree.map(rep, cache), jnp.asarray(k + r, jnp.int32),
-                                   rep(key_valid_BxS), cfg=cfg)
-    logits_NxCxV = jnp.concatenate([logits_NxCxV, llama.lm_head(params, hidden_rest)], axis=1)
-  logp_NxC = rl.token_logprobs(logits_NxCxV, labels_NxC)
-  mask_NxC = jnp.tile(label_mask_LxC, (b, 1))
-  seq_BxL = jnp.sum(jnp.where(mask_NxC, logp_NxC, 0.0), axis=1).reshape(b, l)
-  return jax.nn.log_softmax(seq_BxL, axis=-1)
+  positions_BxT = jnp.concatenate(
+      [positions_BxR, positions_BxR[:, -1:] + 1 + step_of_T[r:]], axis=1)
+  tokens_BxT = jnp.concatenate(
+      [rest_BxR, jnp.broadcast_to(labels_LxC[:, :-1].reshape(1, a), (b, a))], axis=1)
+  hidden_BxTxD, _ = llama.forward(params, tokens_BxT, positions_BxT, cache,
+                                  jnp.asarray(k, jnp.int32), key_valid_BxS, cfg=cfg,
+                                  visible_BxTxS=visible_BxTxS)
+  # logits only where they predict a label token: the rest's last position, then each label
+  # token but its label's last; the predictor of label l's token t is P[l, t]
+  logp_BxPxV = jax.nn.log_softmax(llama.lm_head(params, hidden_BxTxD[:, r - 1:]), axis=-1)
+  pred_LxC = np.concatenate([np.zeros((l, 1), int),
+                             1 + np.arange(a).reshape(l, c - 1)], axis=1)
+  logp_BxLxC = logp_BxPxV[:, pred_LxC, jnp.maximum(labels_LxC, 0)]
+  return jax.nn.log_softmax(jnp.sum(jnp.where(label_mask_LxC, logp_BxLxC, 0.0), axis=-1),
+                            axis=-1)
 
 
 def label_tokens(model, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,18 +152,24 @@ def calibrate(probs_BxL, content_free_NxL) -> np.ndarray:
   return q_BxL / q_BxL.sum(axis=1, keepdims=True)
 
 
-# p(label | content-free question) [N, L] of recent (model, expert, labels): the same for every
-# batch of questions, so later calls skip those rows (3 rows on top of a full batch of
-# questions cost a whole second batch).
-_CONTENT_FREE: list[tuple] = []
-_CONTENT_FREE_KEPT = 8
+# Results that do not depend on the questions, per (model, expert, key): the content-free
+# rows' p(label) [N, L] (3 rows on top of a full batch of questions cost a whole second batch)
+# and the shared prefix's KV cache. The most recent are kept.
+_MEMO: list[tuple] = []
+_MEMO_KEPT = 8
 
 
-def _content_free_memo(model, expert, labels) -> np.ndarray | None:
-  for m, e, labs, probs in _CONTENT_FREE:
-    if m is model and e is expert and labs == tuple(labels):
-      return probs
+def _memo_get(model, expert, key):
+  for m, e, k, value in _MEMO:
+    if m is model and e is expert and k == key:
+      return value
   return None
+
+
+def _memo_put(model, expert, key, value):
+  _MEMO.append((model, expert, key, value))
+  del _MEMO[:-_MEMO_KEPT]
+  return value
 
 
 def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
@@ -154,22 +178,22 @@ def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
   """p(label) [B, L] for each question. expert: None (strategy "prompt") or the classification
   expert (strategy "cls_expert"), materialised once for all rows. Batches of `batch_size`
   (None = all at once; the last one padded) share one padded length, so one compile serves a
-  whole eval. Per batch: the shared prefix (chat header + instruction) runs once, each row's
-  question and answer opening once, and each label's tokens once per row. calibrated: divide
+  whole eval. The shared prefix (chat header + instruction) runs once per (model, expert) and
+  its KV cache is remembered; per row, the question and answer opening run once and each
+  label's tokens once, all in one call. calibrated: divide
   by the probabilities of CONTENT_FREE questions (see `calibrate`), scored once per (model,
   expert, labels) and remembered."""
   if not questions:
     raise ValueError("questions is empty.")
   if calibrated:
-    content_free = _content_free_memo(model, expert, labels)
+    content_free = _memo_get(model, expert, ("content_free", tuple(labels)))
     if content_free is not None:
       return calibrate(label_probs(model, questions, labels, expert=expert,
                                    batch_size=batch_size), content_free)
     # the first time, the content-free rows ride along in the same batches: no extra compile
     probs = label_probs(model, list(questions) + list(CONTENT_FREE), labels, expert=expert,
                         batch_size=batch_size)
-    _CONTENT_FREE.append((model, expert, tuple(labels), probs[len(questions):]))
-    del _CONTENT_FREE[:-_CONTENT_FREE_KEPT]
+    _memo_put(model, expert, ("content_free", tuple(labels)), probs[len(questions):])
     return calibrate(probs[:len(questions)], probs[len(questions):])
   prompts = classification_prompts(model, questions, labels)
   labels_LxC, label_mask_LxC = label_tokens(model, labels)
@@ -178,19 +202,25 @@ def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
     raise ValueError(f"a classification prompt has {longest} tokens; with its label that "
                      f"exceeds the model's context of {model.config.max_length} tokens.")
   prefix_K, rests = shared_prefix(model, prompts, labels)
-  rest_len = sampling.bucket_length(max(len(x) for x in rests))
+  # rests are short (a question and the answer opening): pad to 8s, not bucket_length's 16s
+  rest_len = -(-max(len(x) for x in rests) // 8) * 8
   size = batch_size or len(rests)
   params, adapters, _ = expert_lib.bind(model, expert, size,
                                         "auto" if expert is None else "materialised")
   assert adapters is None
+  key = ("prefix", tuple(prefix_K))
+  prefix = _memo_get(model, expert, key)
+  if prefix is None:
+    prefix = _memo_put(model, expert, key, _prefix_cache(params, np.asarray(prefix_K, np.int32),
+                                                         cfg=model.config))
   out = []
   for start in range(0, len(rests), size):
     chunk = rests[start:start + size]
     real = len(chunk)
     chunk = chunk + [chunk[-1]] * (size - real)
     rest_BxR, rest_mask_BxR = sampling.left_pad(chunk, model.pad_id, rest_len)
-    logp_BxL = _label_logprobs(params, np.asarray(prefix_K, np.int32), rest_BxR, rest_mask_BxR,
-                               labels_LxC, label_mask_LxC, cfg=model.config)
+    logp_BxL = _label_logprobs(params, prefix, rest_BxR, rest_mask_BxR, labels_LxC,
+                               label_mask_LxC, cfg=model.config)
     out.append(np.exp(np.asarray(logp_BxL, np.float64))[:real])
   return np.concatenate(out)
 

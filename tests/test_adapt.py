@@ -142,6 +142,24 @@ def test_the_content_free_rows_are_scored_once_per_model_expert_and_labels(model
   assert seen == [len(QUESTIONS) + len(adapt.CONTENT_FREE), 2]
 
 
+def test_the_shared_prefix_runs_once_per_model_and_expert(model, experts, monkeypatch):
+  calls = []
+  real = adapt._prefix_cache
+
+  def counting(params, prefix_K, *, cfg):
+    calls.append(len(prefix_K))
+    return real(params, prefix_K, cfg=cfg)
+
+  monkeypatch.setattr(adapt, "_prefix_cache", counting)
+  labels = ["math", "other"]  # a label set no other test uses: nothing remembered yet
+  want = _reference_probs(model, QUESTIONS, labels)
+  np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS[:2], labels), want[:2], atol=1e-4)
+  np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS[2:], labels), want[2:], atol=1e-4)
+  assert len(calls) == 1
+  adapt.label_probs(model, QUESTIONS, labels, expert=experts["math"])  # other weights: rerun
+  assert len(calls) == 2
+
+
 def test_identity_cls_expert_equals_the_prompt_strategy(model):
   identity = t2jax.Expert.init(model)  # scale z = 1
   np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS, LABELS, expert=identity),

@@ -123,6 +123,7 @@ def forward(
     linear: Linear = plain_linear,
     adapters: list | None = None,
     remat: bool = False,
+    visible_BxTxS: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
   """Runs the decoder on T new tokens per row and writes their K/V at cache slots
   [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
@@ -132,12 +133,16 @@ def forward(
   only the adapted projections), handed to `linear` per projection; None for the base model.
   remat: differentiated, keep only each layer's inputs and recompute the layer in the backward
   pass (jax.checkpoint): activation memory of one layer instead of all, for a second forward.
+  visible_BxTxS: replaces the causal rule above with an explicit mask (several continuations
+  of one context in one call, each seeing only itself: adapt's label scoring).
   """
   t = tokens_BxT.shape[1]
   s = cache.k[0].shape[2]
   x = params["embed_tokens"][tokens_BxT]
-  query_slot_T = write_index + jnp.arange(t)
-  visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None] & key_valid_BxS[:, None]
+  if visible_BxTxS is None:
+    query_slot_T = write_index + jnp.arange(t)
+    visible_BxTxS = ((jnp.arange(s)[None, :] <= query_slot_T[:, None])[None]
+                     & key_valid_BxS[:, None])
   layer = functools.partial(_layer, cfg=cfg, linear=linear)
   if remat:
     layer = jax.checkpoint(layer)

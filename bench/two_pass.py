@@ -1,0 +1,78 @@
+"""Pass-1 vs pass-2 wall time of two-pass generation (adapt.two_pass_generate, strategy
+"prompt") on the math suite, warm (each shape compiled before it is timed).
+
+    python bench/two_pass.py                                   # experts drawn at random
+    python bench/two_pass.py --experts math=runs/math/expert,code=runs/code/expert,\\
+        reasoning=runs/reasoning/expert --new-tokens 16,256
+
+Pass 1 costs the same whatever the experts hold: it scores labels with the base model. Pass 2
+depends on them only through when rows stop (EOS): each run reports the mean tokens pass 2
+generated. `--new-tokens` lists pass 2's limits: 16 is the math suite's (configs/adapt.py),
+longer ones show the ratio where generation dominates, as with the paper's chain-of-thought
+answers. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--experts", default="", help="label=DIR,... (default: 3 random experts)")
+  p.add_argument("--size", type=int, default=32, help="math test prompts (one batch)")
+  p.add_argument("--new-tokens", default="16,256", help="comma-separated pass-2 limits")
+  p.add_argument("--reps", type=int, default=3)
+  args = p.parse_args()
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  import t2jax  # pylint: disable=import-outside-toplevel
+  from t2jax import adapt, adapt_eval  # pylint: disable=import-outside-toplevel
+  from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
+
+  model = t2jax.load_model()
+  if args.experts:
+    experts = {k: t2jax.Expert.load(v) for k, v in adapt_eval.parse_experts(args.experts).items()}
+  else:
+    rng = np.random.default_rng(0)
+    experts = {}
+    for name in ("math", "code", "reasoning"):
+      e = t2jax.Expert.init(model, name=name)
+      experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
+          v.shape))).astype(np.float32) for k, v in e.z.items()})
+  spec = importlib.util.spec_from_file_location(  # the math suite as configs/adapt.py sets it
+      "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
+  adapt_cfg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(adapt_cfg)
+  adapt_cfg = adapt_cfg.get_config()
+  task = make_task("math", adapt_cfg.task_args["math"].to_dict())
+  chats = [task.messages(r) for r in task.records("test")[:args.size]]
+
+  runs = {}
+  for new in (int(x) for x in args.new_tokens.split(",")):
+    times = []
+    for _ in range(args.reps + 1):  # the first call compiles
+      out, weights, t = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
+                                                max_new_tokens=new, batch_size=len(chats))
+      times.append(t)
+    best1 = min(t["pass1_s"] for t in times[1:])
+    best2 = min(t["pass2_s"] for t in times[1:])
+    runs[f"new_{new}"] = {
+        "pass1_s": round(best1, 3), "pass2_s": round(best2, 3),
+        "pass1_fraction": round(best1 / best2, 3),
+        "pass2_tokens_mean": round(float(np.mean([len(x) for x in out.token_ids])), 1),
+        "dispatch": {lab: sum(adapt_eval.chosen_label(w) == lab for w in weights)
+                     for lab in list(experts) + ["other"]}}
+  print(json.dumps({"prompts": len(chats), "experts": args.experts or "random",
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": runs},
+                   indent=1))
+
+
+if __name__ == "__main__":
+  main()
