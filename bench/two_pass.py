@@ -2,6 +2,7 @@
 "prompt") on the math suite, warm (each shape compiled before it is timed).
 
     python bench/two_pass.py                                   # experts drawn at random
+    python bench/two_pass.py --experts math=runs/math/expert   # code, reasoning drawn
     python bench/two_pass.py --experts math=runs/math/expert,code=runs/code/expert,\\
         reasoning=runs/reasoning/expert --new-tokens 16,256
 
@@ -24,7 +25,8 @@ import platform
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--experts", default="", help="label=DIR,... (default: 3 random experts)")
+  p.add_argument("--experts", default="",
+                 help="label=DIR,...; math, code and reasoning not given are drawn at random")
   p.add_argument("--size", type=int, default=32, help="math test prompts (one batch)")
   p.add_argument("--new-tokens", default="16,256", help="comma-separated pass-2 limits")
   p.add_argument("--reps", type=int, default=3)
@@ -37,15 +39,16 @@ def main() -> None:
   from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
 
   model = t2jax.load_model()
-  if args.experts:
-    experts = {k: t2jax.Expert.load(v) for k, v in adapt_eval.parse_experts(args.experts).items()}
-  else:
-    rng = np.random.default_rng(0)
-    experts = {}
-    for name in ("math", "code", "reasoning"):
-      e = t2jax.Expert.init(model, name=name)
-      experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
-          v.shape))).astype(np.float32) for k, v in e.z.items()})
+  dirs = adapt_eval.parse_experts(args.experts) if args.experts else {}
+  rng = np.random.default_rng(0)
+  experts = {}
+  for name in list(dirs) + [n for n in ("math", "code", "reasoning") if n not in dirs]:
+    if name in dirs:
+      experts[name] = t2jax.Expert.load(dirs[name])
+      continue
+    e = t2jax.Expert.init(model, name=name)  # not given: z drawn around the identity
+    experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
+        v.shape))).astype(np.float32) for k, v in e.z.items()})
   spec = importlib.util.spec_from_file_location(  # the math suite as configs/adapt.py sets it
       "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
   adapt_cfg = importlib.util.module_from_spec(spec)
@@ -69,7 +72,7 @@ def main() -> None:
         "pass2_tokens_mean": round(float(np.mean([len(x) for x in out.token_ids])), 1),
         "dispatch": {lab: sum(adapt_eval.chosen_label(w) == lab for w in weights)
                      for lab in list(experts) + ["other"]}}
-  print(json.dumps({"prompts": len(chats), "experts": args.experts or "random",
+  print(json.dumps({"prompts": len(chats), "experts": {n: dirs.get(n, "random") for n in experts},
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": runs},
                    indent=1))
 
