@@ -169,7 +169,7 @@ def test_max_new_tokens_one(loaded):
 
 def test_sampling_is_seeded_and_logprobs_are_unmodified(loaded):
   model, _ = loaded("llama")
-  cfg, params = model.config, model.params
+  cfg = model.config
   prompts = random_prompts(cfg.vocab_size, [4, 11, 2], seed=3)
   kw = dict(max_new_tokens=16, temperature=1.3, top_p=0.9, top_k=50)
   a = t2jax.generate(model, prompts, seed=1, **kw)
