@@ -77,7 +77,7 @@ def _label_logprobs(params: dict, prefix: llama.KVCache, rest_BxR: jnp.ndarray,
                         ((0, 0), (0, 0), (0, s - k), (0, 0))), prefix)
   # slot layout after the prefix: rest [0, r), then label l's token t at r + l·(C−1) + t
   label_of_T = np.concatenate([np.full(r, -1), np.repeat(np.arange(l), c - 1)])  # -1: rest
-  step_of_T = np.concatenate([np.zeros(r, int), np.tile(np.arange(c - 1), l)])
+  step_of_A = np.tile(np.arange(c - 1), l)  # a label token's index within its label
   label_of_S = np.concatenate([np.full(k, -1), label_of_T])
   causal_TxS = np.arange(s)[None] <= k + np.arange(r + a)[:, None]
   own_TxS = (label_of_S[None] == -1) | (label_of_S[None] == label_of_T[:, None])
@@ -86,7 +86,7 @@ def _label_logprobs(params: dict, prefix: llama.KVCache, rest_BxR: jnp.ndarray,
   visible_BxTxS = jnp.asarray(causal_TxS & own_TxS)[None] & key_valid_BxS[:, None]
   positions_BxR = k + llama.positions_from_mask(rest_mask_BxR)
   positions_BxT = jnp.concatenate(
-      [positions_BxR, positions_BxR[:, -1:] + 1 + step_of_T[r:]], axis=1)
+      [positions_BxR, positions_BxR[:, -1:] + 1 + step_of_A], axis=1)
   tokens_BxT = jnp.concatenate(
       [rest_BxR, jnp.broadcast_to(labels_LxC[:, :-1].reshape(1, a), (b, a))], axis=1)
   hidden_BxTxD, _ = llama.forward(params, tokens_BxT, positions_BxT, cache,
