@@ -49,7 +49,7 @@ OBJECTIVES = ("accuracy", "reward")
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _prefix_cache(params: dict, prefix_K: jnp.ndarray, *, cfg: ModelConfig) -> llama.KVCache:
-  """The KV cache [1, KVH, K, hd] per layer of the prefix every prompt starts with."""
+  """The KV cache (batch 1, K slots) of the prefix every prompt starts with."""
   k = prefix_K.shape[0]
   cache = llama.KVCache.zeros(cfg, 1, k, params["embed_tokens"].dtype)
   _, cache = llama.forward(params, prefix_K[None], jnp.arange(k)[None], cache,
@@ -69,12 +69,10 @@ def _label_logprobs(params: dict, prefix: llama.KVCache, rest_BxR: jnp.ndarray,
   tokens seeing the prefix, the rest and label l's earlier tokens only (a tree mask).
   B·(R + A) tokens, A = L·(C−1), instead of B·L·(K + R + C), and no copy of the cache per
   label."""
-  k, (b, r), (l, c) = prefix.k[0].shape[2], rest_BxR.shape, labels_LxC.shape
+  k, (b, r), (l, c) = prefix.slots, rest_BxR.shape, labels_LxC.shape
   a = l * (c - 1)
   s = k + r + a
-  cache = jax.tree.map(  # the prefix in every row, then room for the rest and the labels
-      lambda x: jnp.pad(jnp.broadcast_to(x, (b, *x.shape[1:])),
-                        ((0, 0), (0, 0), (0, s - k), (0, 0))), prefix)
+  cache = prefix.grow(b, s)  # the prefix in every row, then room for the rest and the labels
   # slot layout after the prefix: rest [0, r), then label l's token t at r + l·(C−1) + t
   label_of_T = np.concatenate([np.full(r, -1), np.repeat(np.arange(l), c - 1)])  # -1: rest
   step_of_A = np.tile(np.arange(c - 1), l)  # a label token's index within its label

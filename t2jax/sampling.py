@@ -58,7 +58,7 @@ class Sampler:
 class DecodeState:
   """B rows, S cache slots, N = max new tokens."""
   step: jnp.ndarray  # [] int32: tokens generated so far (the loop counter)
-  cache: llama.KVCache  # [L, B, S, KVH, K]
+  cache: llama.KVCache  # L layers of B rows, S slots
   key_valid: jnp.ndarray  # [B, S] bool: slot holds a real token
   last_token: jnp.ndarray  # [B] int32: the token sampled last, fed in next
   position: jnp.ndarray  # [B] int32: position of last_token in its row

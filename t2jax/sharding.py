@@ -45,8 +45,8 @@ PARTITION_RULES: list[tuple[str, P]] = [
     (r"(o|down)_proj/ut$", P(None, "fsdp")),
     (r"_proj/(s|s_total)$", P()),
     (r"(layernorm|norm)$", P()),
-    # sampling.DecodeState's KV cache, per layer [B, KVH, S, K]: rows over the batch axes,
-    # kv-heads over tensor like the k/v projections that fill them
+    # sampling.DecodeState's KV cache (llama.KVCache, [B, KVH, ·, ·] per layer): rows over the
+    # batch axes, kv-heads over tensor like the k/v projections that fill them
     (r"^cache/(k|v)/\d+$", P(BATCH, "tensor", None, None)),
 ]
 

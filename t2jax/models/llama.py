@@ -49,15 +49,31 @@ def plain_linear(x: jnp.ndarray, p: dict, adapter: Any = None) -> jnp.ndarray:
 
 @flax.struct.dataclass
 class KVCache:
-  # per layer [B, KVH, S, K]: (batch, kv-head) lead so attention's batched dots read it in place
-  k: list[jnp.ndarray]
-  v: list[jnp.ndarray]
+  """Per layer keys [B, KVH, K, S] and values [B, KVH, S, K]: (batch, kv-head) lead so
+  attention's batched dots read the cache in place, and each dot contracts over its operand's
+  major axis (q·K over K, p·V over S). Keys stored [K, S]: the CPU backend's q·Kᵀ against
+  [S, K] keys ran at a fifth of the speed of the p·V product over the same bytes."""
+  k: list[jnp.ndarray]  # [B, KVH, K, S] per layer
+  v: list[jnp.ndarray]  # [B, KVH, S, K] per layer
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return cls(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-               v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
+    kd, g = cfg.head_dim, cfg.num_kv_heads
+    return cls(k=[jnp.zeros((batch, g, kd, length), dtype) for _ in range(cfg.num_layers)],
+               v=[jnp.zeros((batch, g, length, kd), dtype) for _ in range(cfg.num_layers)])
+
+  @property
+  def slots(self) -> int:
+    return self.v[0].shape[2]
+
+  def grow(self, batch: int, slots: int) -> "KVCache":
+    """A batch-1 cache broadcast to `batch` rows, with empty slots appended up to `slots`."""
+    pad = slots - self.slots
+    return KVCache(
+        k=[jnp.pad(jnp.broadcast_to(x, (batch, *x.shape[1:])), ((0, 0),) * 3 + ((0, pad),))
+           for x in self.k],
+        v=[jnp.pad(jnp.broadcast_to(x, (batch, *x.shape[1:])),
+                   ((0, 0), (0, 0), (0, pad), (0, 0))) for x in self.v])
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -66,13 +82,13 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return weight * x32.astype(x.dtype)
 
 
-def _attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, visible_BxTxS):
+def _attention(q_BxTxHxK, k_BxGxKxS, v_BxGxSxK, visible_BxTxS):
   b, t, h, kd = q_BxTxHxK.shape
-  g = k_BxGxSxK.shape[1]
+  g = k_BxGxKxS.shape[1]
   # GQA: query head h uses kv head h // (h/g); fold the group into the query-time axis
   q_BxGxRTxK = q_BxTxHxK.reshape(b, t, g, h // g, kd).transpose(0, 2, 3, 1, 4).reshape(
       b, g, (h // g) * t, kd)
-  scores = jnp.einsum("bgqk,bgsk->bgqs", q_BxGxRTxK, k_BxGxSxK).astype(jnp.float32)
+  scores = jnp.einsum("bgqk,bgks->bgqs", q_BxGxRTxK, k_BxGxKxS).astype(jnp.float32)
   scores = scores.reshape(b, g, h // g, t, -1) * (kd ** -0.5)
   scores = jnp.where(visible_BxTxS[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
@@ -95,12 +111,11 @@ def _layer(x_BxTxD, p: dict, a: dict, k_cache, v_cache, positions_BxT, write_ind
   v = linear(h, attn["v_proj"], ad("self_attn", "v_proj")).reshape(b, t, n_kv, kd)
   q = rope.apply_rope(q, positions_BxT, inv_freq)
   k = rope.apply_rope(k, positions_BxT, inv_freq)
-  zero = jnp.zeros((), jnp.int32)
-  start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
+  zero, at = jnp.zeros((), jnp.int32), jnp.asarray(write_index, jnp.int32)
   k_cache = jax.lax.dynamic_update_slice(
-      k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+      k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (zero, zero, zero, at))
   v_cache = jax.lax.dynamic_update_slice(
-      v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+      v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (zero, zero, at, zero))
   out = _attention(q, k_cache, v_cache, visible_BxTxS)
   x_BxTxD = x_BxTxD + linear(out, attn["o_proj"], ad("self_attn", "o_proj"))
   h = rms_norm(x_BxTxD, p["post_attention_layernorm"], cfg.rms_norm_eps)
@@ -137,7 +152,7 @@ def forward(
   of one context in one call, each seeing only itself: adapt's label scoring).
   """
   t = tokens_BxT.shape[1]
-  s = cache.k[0].shape[2]
+  s = cache.slots
   x = params["embed_tokens"][tokens_BxT]
   if visible_BxTxS is None:
     query_slot_T = write_index + jnp.arange(t)
