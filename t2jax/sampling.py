@@ -48,10 +48,29 @@ class Sampler:
       logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     # Inverse-CDF draw: one uniform per row instead of categorical's Gumbel noise over the
     # whole vocabulary, which costs as much as a tenth of a decode step on CPU.
-    cdf_BxV = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u_B = jax.random.uniform(rng, cdf_BxV.shape[:1]) * cdf_BxV[:, -1]
-    token_B = jnp.sum(cdf_BxV <= u_B[:, None], axis=-1)
-    return jnp.minimum(token_B, logits.shape[-1] - 1).astype(jnp.int32)
+    probs_BxV = jax.nn.softmax(logits, axis=-1)
+    return _inverse_cdf(probs_BxV, jax.random.uniform(rng, probs_BxV.shape[:1]))
+
+
+def _inverse_cdf(probs_BxV: jnp.ndarray, u_B: jnp.ndarray, block: int = 256) -> jnp.ndarray:
+  """The token whose cumulative-probability interval holds u·total, found in two levels: the
+  block of `block` tokens first, then the token inside it. A scan over the whole vocabulary
+  cost 1.4 ms of a 55 ms decode step at batch 8 on CPU; the two short scans almost nothing."""
+  b, v = probs_BxV.shape
+  nb = -(-v // block)
+  probs_BxNxK = jnp.pad(probs_BxV, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+  mass_BxN = jnp.sum(probs_BxNxK, axis=-1)
+  cdf_BxN = jnp.cumsum(mass_BxN, axis=-1)
+  target_B = u_B * cdf_BxN[:, -1]
+  # the last block with mass: rounding can push target past every block boundary
+  last_b = nb - 1 - jnp.argmax((mass_BxN > 0)[:, ::-1], axis=-1)
+  blk_B = jnp.minimum(jnp.sum(cdf_BxN <= target_B[:, None], axis=-1), last_b)
+  probs_BxK = jnp.take_along_axis(probs_BxNxK, blk_B[:, None, None], axis=1)[:, 0]
+  before_B = jnp.take_along_axis(cdf_BxN - mass_BxN, blk_B[:, None], axis=1)[:, 0]
+  inner_BxK = before_B[:, None] + jnp.cumsum(probs_BxK, axis=-1)
+  last_k = block - 1 - jnp.argmax((probs_BxK > 0)[:, ::-1], axis=-1)  # never a 0-prob token
+  k_B = jnp.minimum(jnp.sum(inner_BxK <= target_B[:, None], axis=-1), last_k)
+  return (blk_B * block + k_B).astype(jnp.int32)
 
 
 @flax.struct.dataclass

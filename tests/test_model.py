@@ -184,6 +184,26 @@ def test_sampling_is_seeded_and_logprobs_are_unmodified(loaded):
     np.testing.assert_allclose(lps, want, rtol=0, atol=1e-4)
 
 
+def test_two_level_inverse_cdf_matches_a_flat_search():
+  """The block-then-token draw picks the token a search of the whole cumulative distribution
+  (numpy, float64) picks, on a vocabulary that is not a multiple of the block, with tokens and
+  whole blocks of zero probability that are never drawn, even for u next to 1."""
+  rng = np.random.default_rng(3)
+  b, v = 400, 1000
+  probs = rng.random((b, v)) ** 4
+  probs[:, rng.random(v) < 0.3] = 0.0
+  probs[:, 128:256] = 0.0  # two whole blocks of 64
+  probs[:, v - 40:] = 0.0  # the ragged last block
+  probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+  u = rng.random(b).astype(np.float32)
+  u[:5] = np.float32(1) - np.float32(1e-7)
+  got = np.asarray(t2jax.sampling._inverse_cdf(jnp.asarray(probs), jnp.asarray(u), block=64))
+  cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+  want = np.array([np.searchsorted(c, x * c[-1], side="right") for c, x in zip(cdf, u)])
+  assert (probs[np.arange(b), got] > 0).all()
+  np.testing.assert_array_equal(got[5:], want[5:])
+
+
 SAMPLERS = [dict(temperature=0.5), dict(temperature=1.0, top_k=3),
             dict(temperature=1.0, top_p=0.8), dict(temperature=2.0, top_k=5, top_p=0.6)]
 
