@@ -5,12 +5,14 @@
     python bench/two_pass.py --experts math=runs/math/expert   # code, reasoning drawn
     python bench/two_pass.py --experts math=runs/math/expert,code=runs/code/expert,\\
         reasoning=runs/reasoning/expert --new-tokens 16,256
+    python bench/two_pass.py --suite cot --experts math=runs/math_cot/expert
 
 Pass 1 costs the same whatever the experts hold: it scores labels with the base model. Pass 2
 depends on them only through when rows stop (EOS): each run reports the mean tokens pass 2
-generated. `--new-tokens` lists pass 2's limits: 16 is the math suite's (configs/adapt.py),
-longer ones show the ratio where generation dominates, as with the paper's chain-of-thought
-answers. Prints one JSON object.
+generated. `--suite cot` is configs/adapt.py:cot's step-by-step math suite (the paper's MATH
+setting in miniature; pair it with an expert from configs/math_cot.py). `--new-tokens` lists
+pass 2's limits (default: the suite's own, 16 direct, 160 step by step); longer ones show the
+ratio where generation dominates. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def main() -> None:
   p.add_argument("--experts", default="",
                  help="label=DIR,...; math, code and reasoning not given are drawn at random")
   p.add_argument("--size", type=int, default=32, help="math test prompts (one batch)")
-  p.add_argument("--new-tokens", default="16,256", help="comma-separated pass-2 limits")
+  p.add_argument("--suite", default="", choices=("", "cot"),
+                 help="configs/adapt.py's math suite: direct answers, or cot (step by step)")
+  p.add_argument("--new-tokens", default="",
+                 help="comma-separated pass-2 limits; default: the suite's own")
   p.add_argument("--reps", type=int, default=3)
   args = p.parse_args()
 
@@ -53,12 +58,13 @@ def main() -> None:
       "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
   adapt_cfg = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(adapt_cfg)
-  adapt_cfg = adapt_cfg.get_config()
+  adapt_cfg = adapt_cfg.get_config(args.suite)
   task = make_task("math", adapt_cfg.task_args["math"].to_dict())
   chats = [task.messages(r) for r in task.records("test")[:args.size]]
 
   runs = {}
-  for new in (int(x) for x in args.new_tokens.split(",")):
+  limits = args.new_tokens or str(adapt_cfg.max_new_tokens["math"])
+  for new in (int(x) for x in limits.split(",")):
     times = []
     for _ in range(args.reps + 1):  # the first call compiles
       out, weights, t = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
@@ -72,7 +78,8 @@ def main() -> None:
         "pass2_tokens_mean": round(float(np.mean([len(x) for x in out.token_ids])), 1),
         "dispatch": {lab: sum(adapt_eval.chosen_label(w) == lab for w in weights)
                      for lab in list(experts) + ["other"]}}
-  print(json.dumps({"prompts": len(chats), "experts": {n: dirs.get(n, "random") for n in experts},
+  print(json.dumps({"suite": args.suite or "direct", "prompts": len(chats),
+                    "experts": {n: dirs.get(n, "random") for n in experts},
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": runs},
                    indent=1))
 

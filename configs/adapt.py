@@ -5,12 +5,32 @@ times. Experts come from `python -m t2jax.train` runs (configs/math.py, configs/
   python -m t2jax.evaluate --config configs/adapt.py \
       --config.experts=math=DIR,code=DIR,reasoning=DIR --config.cls_expert=DIR \
       --config.eval_size=N --config.few_shot.iterations=K --workdir W
+
+`--config configs/adapt.py:cot` scores math step by step, as configs/math_cot.py trains its
+expert (the paper's MATH setting in miniature: long written answers); the default math suite
+answers directly, as configs/math.py trains.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
+_SUITES = ("", "cot")
 
-def get_config():
+
+def _math_cot():
+  spec = importlib.util.spec_from_file_location(
+      "configs_math_cot", os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_cot.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(suite: str = ""):
+  if suite not in _SUITES:
+    raise ValueError(f"configs/adapt.py:{suite}: unknown math suite; use configs/adapt.py "
+                     "(direct answers) or configs/adapt.py:cot (step by step).")
   c = ml_collections.ConfigDict()
   # model (the one every expert was trained on; a mismatch is an error)
   c.model = ""  # "" = the embedded SmolLM2-135M-Instruct; or an HF directory / .gguf file
@@ -29,6 +49,10 @@ def get_config():
   c.threshold = 0.0  # max p(label) below this → p-weighted mixture of all experts (0 = off)
   # per task, as each expert was trained (official: 512, 1024 for MATH)
   c.max_new_tokens = ml_collections.ConfigDict({"math": 16, "code": 128, "reasoning": 64})
+  if suite == "cot":
+    cot = _math_cot()
+    c.task_args.math.system_prompt = cot.SYSTEM_PROMPT
+    c.max_new_tokens.math = cot.MAX_NEW_TOKENS
   # few-shot CEM over α (official: population 32, 6 elites, std 0.5, one α per expert per matrix)
   c.few_shot = ml_collections.ConfigDict()
   c.few_shot.shots = 8  # records of the target task; never from its test split

@@ -19,6 +19,10 @@ from t2jax.tasks.math import GSM8K, Arithmetic, extract_answer
     ("Answer: -7 degrees, since 3 - 10 = -7", -7.0),
     ("first 12, then the answer is 30 cookies. Check: 30", 30.0),
     ("the answer is 8 (not 9)", 8.0),
+    ("So, the answer is 10 + 16 = 26.", 26.0),  # step by step: the equation's result
+    ("The answer is 3 - 10 = -7 degrees", -7.0),
+    ("The answer is 7 because 12 = 5 + 7", 7.0),  # an equation after the answer is not it
+    ("The answer is 2 * 3.", 2.0),  # no "=": the first number stands
     ("no digits here", None),
 ])
 def test_extract_answer(text, want):

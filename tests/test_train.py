@@ -153,13 +153,23 @@ def _load_config(name: str):
   return module
 
 
-@pytest.mark.parametrize("name", ["math.py", "paper_gsm8k.py"])
+@pytest.mark.parametrize("name", ["math.py", "math_cot.py", "paper_gsm8k.py"])
 def test_config_files_hold_their_command_and_every_key(name):
   module = _load_config(name)
   assert f"python -m t2jax.train --config configs/{name}" in module.__doc__
   cfg = module.get_config()
   assert set(cfg.keys()) == set(config_defaults.base_config().keys())
   run_setup.check_config(cfg)
+
+
+def test_adapt_cot_suite_scores_math_as_math_cot_trains():
+  train, adapt = _load_config("math_cot.py").get_config(), _load_config("adapt.py")
+  cot, direct = adapt.get_config("cot"), adapt.get_config()
+  assert cot.task_args.math.to_dict() == train.task_args.to_dict()
+  assert cot.max_new_tokens.math == train.max_new_tokens
+  assert direct.task_args.math.to_dict() == _load_config("math.py").get_config().task_args.to_dict()
+  with pytest.raises(ValueError, match="unknown math suite"):
+    adapt.get_config("long")
 
 
 def test_paper_config_is_the_official_recipe():

@@ -23,7 +23,9 @@ _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _ANNOUNCED = [
     re.compile(r"####\s*(" + _NUMBER + ")"),
     re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"),
-    re.compile(r"answer(?: is|:)\s*\**\s*(" + _NUMBER + ")", re.IGNORECASE),
+    # "the answer is 10 + 16 = 26": step-by-step answers restate the sum; its result counts
+    re.compile(r"answer(?: is|:)\s*\**\s*(" + _NUMBER + r")(?:\s*[-+*/×÷]\s*" + _NUMBER
+               + r")*(?:\s*=\s*(" + _NUMBER + "))?", re.IGNORECASE),
 ]
 _ANY_NUMBER = re.compile(_NUMBER)
 
@@ -39,12 +41,13 @@ def parse_number(text: str) -> float | None:
 
 def extract_answer(completion: str) -> float | None:
   """The final numeric answer of a completion: an announced answer ('#### N', '\\boxed{N}',
-  'the answer is N', 'Answer: N'; the last one wins), else the last number in the text.
+  'the answer is N', 'Answer: N', 'the answer is 3 + 4 = N'; the last one wins), else the last
+  number in the text.
   Commas, '$', units and trailing text are ignored."""
   for pattern in _ANNOUNCED:
-    found = pattern.findall(completion)
-    if found:
-      return parse_number(found[-1])
+    found = list(pattern.finditer(completion))
+    if found:  # the last announcement; of an equation, its result
+      return parse_number([g for g in found[-1].groups() if g is not None][-1])
   numbers = _ANY_NUMBER.findall(completion)
   return parse_number(numbers[-1]) if numbers else None
 
