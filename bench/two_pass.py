@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -41,6 +40,7 @@ def main() -> None:
 
   import t2jax  # pylint: disable=import-outside-toplevel
   from t2jax import adapt, adapt_eval  # pylint: disable=import-outside-toplevel
+  from t2jax.config_defaults import config_module  # pylint: disable=import-outside-toplevel
   from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
 
   model = t2jax.load_model()
@@ -54,11 +54,8 @@ def main() -> None:
     e = t2jax.Expert.init(model, name=name)  # not given: z drawn around the identity
     experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
         v.shape))).astype(np.float32) for k, v in e.z.items()})
-  spec = importlib.util.spec_from_file_location(  # the math suite as configs/adapt.py sets it
-      "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
-  adapt_cfg = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(adapt_cfg)
-  adapt_cfg = adapt_cfg.get_config(args.suite)
+  adapt_cfg = config_module(  # the math suite as configs/adapt.py sets it
+      os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py")).get_config(args.suite)
   task = make_task("math", adapt_cfg.task_args["math"].to_dict())
   chats = [task.messages(r) for r in task.records("test")[:args.size]]
 

@@ -11,20 +11,13 @@ expert (the paper's MATH setting in miniature: long written answers); the defaul
 answers directly, as configs/math.py trains.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from t2jax.config_defaults import config_module
+
 _SUITES = ("", "cot")
-
-
-def _math_cot():
-  spec = importlib.util.spec_from_file_location(
-      "configs_math_cot", os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_cot.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(suite: str = ""):
@@ -50,7 +43,7 @@ def get_config(suite: str = ""):
   # per task, as each expert was trained (official: 512, 1024 for MATH)
   c.max_new_tokens = ml_collections.ConfigDict({"math": 16, "code": 128, "reasoning": 64})
   if suite == "cot":
-    cot = _math_cot()
+    cot = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_cot.py"))
     c.task_args.math.system_prompt = cot.SYSTEM_PROMPT
     c.max_new_tokens.math = cot.MAX_NEW_TOKENS
   # few-shot CEM over α (official: population 32, 6 elites, std 0.5, one α per expert per matrix)

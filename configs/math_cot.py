@@ -10,14 +10,12 @@ cores: 23.8 min, greedy accuracy val 15.6 → 34.4 % (32), test 7.8 → 45.3 % (
 solutions are ~28 tokens ("To find 10 + 16, we need to perform the calculation 10 + 16 = 26.").
 """
 
-import importlib.util
 import os
 
+from t2jax.config_defaults import config_module
+
 # the recipe is configs/math.py's; only the answer format and the sizes it forces differ
-_spec = importlib.util.spec_from_file_location(
-    "configs_math", os.path.join(os.path.dirname(os.path.abspath(__file__)), "math.py"))
-math_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(math_config)
+math_config = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "math.py"))
 
 SYSTEM_PROMPT = "Solve the problem step by step. End with 'The answer is N.'"
 MAX_NEW_TOKENS = 160  # greedy base solutions end by ~145 tokens

@@ -3,7 +3,23 @@ start from `base_config()` and set what their recipe changes, so a key is define
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import ml_collections
+
+
+def config_module(path: str) -> types.ModuleType:
+  """A config file (configs/*.py) loaded by path, as config_flags loads it: the configs
+  directory is not a package, and one config may build on another's get_config()."""
+  name = "t2jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise FileNotFoundError(f"{path}: not a Python config file.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -437,14 +437,11 @@ def test_adapt_table_has_every_row(model, experts, tmp_path):
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
 
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
   from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
+  from t2jax.config_defaults import config_module  # pylint: disable=import-outside-toplevel
 
-  spec = importlib.util.spec_from_file_location(
-      "adapt_config", os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py"))
-  adapt_config = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(adapt_config)
+  adapt_config = config_module(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                            "adapt.py"))
   dirs = {}
   for name, e in [*experts.items(), ("cls", _expert(model, 0.5, 3, "cls"))]:
     dirs[name] = str(tmp_path / name)

@@ -145,12 +145,7 @@ def test_unknown_task_setting_is_named():
 
 
 def _load_config(name: str):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_defaults.config_module(os.path.join(ROOT, "configs", name))
 
 
 @pytest.mark.parametrize("name", ["math.py", "math_cot.py", "paper_gsm8k.py"])

@@ -46,8 +46,8 @@ def extract_answer(completion: str) -> float | None:
   Commas, '$', units and trailing text are ignored."""
   for pattern in _ANNOUNCED:
     found = list(pattern.finditer(completion))
-    if found:  # the last announcement; of an equation, its result
-      return parse_number([g for g in found[-1].groups() if g is not None][-1])
+    if found:  # the last announcement; of an equation, its result (the last group matched)
+      return parse_number(found[-1].group(found[-1].lastindex))
   numbers = _ANY_NUMBER.findall(completion)
   return parse_number(numbers[-1]) if numbers else None
 
