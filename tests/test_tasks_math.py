@@ -1,13 +1,16 @@
-"""Math tasks: answer extraction, reproducible disjoint splits, GSM8K JSONL errors."""
+"""Math tasks: answer extraction, reproducible disjoint splits, word problems an independent
+solver agrees with, GSM8K JSONL errors, reference completions."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from t2jax.tasks.base import TaskError
-from t2jax.tasks.math import GSM8K, Arithmetic, extract_answer
+from t2jax.tasks import make_task
+from t2jax.tasks.math import GSM8K, Arithmetic, WordProblems, extract_answer
 
 
 @pytest.mark.parametrize("text,want", [
@@ -79,3 +82,72 @@ def test_gsm8k_jsonl(tmp_path):
   missing.write_text(json.dumps({"question": "a"}) + "\n")
   with pytest.raises(TaskError, match="missing.jsonl:1: missing key"):
     GSM8K(train_path=str(missing), test_path=str(test)).records("train")
+
+
+def test_references_are_correct_completions(tmp_path):
+  task = Arithmetic(level=2)
+  rec = task.records("test")[0]
+  assert task.reference(rec) == f"The answer is {rec['target']}."
+  assert task.reward(rec, task.reference(rec)) == 1.0
+  test = tmp_path / "test.jsonl"
+  test.write_text(json.dumps({"question": "t", "answer": "#### 2.5"}) + "\n"
+                  + json.dumps({"question": "u", "answer": "#### 1,200"}) + "\n")
+  half, whole = GSM8K(train_path=str(test), test_path=str(test)).records("test")
+  assert GSM8K().reference(half) == "The answer is 2.5."
+  assert GSM8K().reference(whole) == "The answer is 1200."
+  word = WordProblems(train_size=20, val_size=5, test_size=5)
+  for rec in word.records("train"):
+    assert word.reference(rec) == f"The answer is {rec['target']}."
+    assert word.correct(rec, word.reference(rec))
+
+
+_WORD_STEPS = [
+    (r"\w+ (?:buys|finds) (\d+) more \w+\.", lambda n, b: n + int(b)),
+    (r"\w+ gives \w+ (\d+) \w+\.", lambda n, b: n + int(b)),
+    (r"\w+ (?:gives|loses|sells) (\d+) \w+(?: to \w+)?\.", lambda n, b: n - int(b)),
+    (r"\w+ (?:buys (\d+) packs|gives \w+ (\d+) bags) of \w+ with (\d+)",
+     lambda n, k1, k2, m: n + int(k1 or k2) * int(m)),
+    (r"\w+ gives \w+ (\d+) bags with (\d+) \w+ in each bag\.",
+     lambda n, k, m: n + int(k) * int(m)),
+    (r".*(doubles|triples)", lambda n, w: n * (2 if w == "doubles" else 3)),
+    (r".*(?:among|into) (\d+)", lambda n, k: n // int(k)),
+]
+
+
+def solve_word(question: str) -> int:
+  """The final count of a word problem, read sentence by sentence (an independent solver)."""
+  first, *sentences = re.split(r"(?<=\.) ", question)
+  total = int(re.search(r"has (\d+)", first)[1])
+  for sentence in sentences:
+    if sentence.startswith("How many"):
+      return total
+    for pattern, apply in _WORD_STEPS:
+      if m := re.match(pattern, sentence):
+        total = apply(total, *m.groups())
+        break
+    else:
+      raise AssertionError(f"unparsed step: {sentence!r}")
+  raise AssertionError(f"no question in {question!r}")
+
+
+def test_word_problems_answers_splits_and_settings():
+  task = WordProblems(train_size=300, val_size=60, test_size=60)
+  splits = {s: task.records(s) for s in ("train", "val", "test")}
+  assert {s: len(r) for s, r in splits.items()} == {"train": 300, "val": 60, "test": 60}
+  ids = {s: {r["id"] for r in recs} for s, recs in splits.items()}
+  assert not ids["train"] & ids["test"] and not ids["train"] & ids["val"]
+  assert not ids["val"] & ids["test"]
+  for rec in splits["train"]:
+    assert rec["target"] == solve_word(rec["question"]) >= 0, rec["question"]
+    assert rec["steps"] in (2, 3)
+  assert {r["steps"] for r in splits["train"]} == {2, 3}
+  assert task.messages(splits["test"][0])[0]["content"].endswith("'The answer is N.'")
+  assert task.reward(splits["test"][0], "The answer is -999.") == -1.0
+  assert WordProblems(train_size=300, val_size=60, test_size=60).records("test") == \
+      splits["test"]
+  assert len(WordProblems().records("test")) >= 256
+  assert isinstance(make_task("math_word", {"max_steps": 2}), WordProblems)
+  assert {r["steps"] for r in WordProblems(max_steps=2, train_size=30, val_size=5,
+                                           test_size=5).records("train")} == {2}
+  with pytest.raises(TaskError, match="min_steps"):
+    WordProblems(min_steps=3, max_steps=2)

@@ -8,6 +8,7 @@ from t2jax.tasks.base import Task, TaskError
 
 _REGISTRY = {
     "math": ("t2jax.tasks.math", "Arithmetic"),
+    "math_word": ("t2jax.tasks.math", "WordProblems"),
     "gsm8k": ("t2jax.tasks.math", "GSM8K"),
     "code": ("t2jax.tasks.code", "ProceduralCode"),
     "humaneval": ("t2jax.tasks.code", "HumanEval"),
