@@ -68,7 +68,8 @@ def test_arc_layouts_prompt_and_reward(tmp_path):
   assert liquid["choices"] == ["water", "salt", "sand"]
   assert task.messages(gas) == [{"role": "user", "content": gas["question"]}]
   assert gas["question"].startswith("Which is a gas?\n\n(A) rock\n(B) steam\n(C) ice\n(D) wood")
-  assert "The answer is (X)" in gas["question"]
+  assert "'The answer is' followed by the letter" in gas["question"]
+  assert "(X)" not in gas["question"]  # the base model copied a placeholder letter
   assert task.reward(gas, "Steam is water vapour. The answer is (B).") == 1.0
   assert task.reward(gas, "The answer is (A).") == 0.0
   assert task.correct(melts, "the answer is (e)") is False and task.correct(melts, "(c)")
@@ -190,3 +191,25 @@ def test_make_task_and_errors():
     ProceduralReasoning(kinds="ordering,riddles")
   with pytest.raises(TaskError, match="split 'dev'"):
     small().records("dev")
+
+
+def test_prefilled_answer_and_references(tmp_path):
+  test = write_jsonl(tmp_path / "test.jsonl", [HF_ROW])
+  for task in (small(), ARC(test_path=test)):
+    rec = task.records("test")[0]
+    assert task.reference(rec) == f"The answer is ({rec['answer']})."
+    assert task.correct(rec, task.reference(rec))
+  prefix = "The answer is ("
+  for task in (small(answer_prefix=prefix), ARC(test_path=test, answer_prefix=prefix)):
+    rec = task.records("test")[0]
+    assert task.messages(rec) == [{"role": "user", "content": rec["question"]},
+                                  {"role": "assistant", "content": prefix}]
+    assert task.reference(rec) == f"{rec['answer']})."
+    assert task.reward(rec, task.reference(rec)) == 1.0
+    assert task.correct(rec, f"{rec['answer']}) because it fits.")
+    wrong = "ABCD"[("ABCD".index(rec["answer"]) + 1) % 4]
+    assert not task.correct(rec, f"{wrong}).")
+    assert not task.correct(rec, "X).")  # a placeholder names no option
+  other = small(answer_prefix="Answer: ")
+  rec = other.records("test")[0]
+  assert other.correct(rec, other.reference(rec))

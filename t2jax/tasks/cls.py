@@ -150,3 +150,7 @@ class Classification:
 
   def reward(self, record: Record, completion: str) -> float:
     return self.reward_correct if self.correct(record, completion) else self.reward_wrong
+
+  def reference(self, record: Record) -> str:
+    """The right continuation of the prefilled ANSWER_PREFIX: 'label}'."""
+    return f"{record['label']}}}"

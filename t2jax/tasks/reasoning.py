@@ -16,7 +16,9 @@ from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_split
                               read_jsonl)
 
 LETTERS = string.ascii_uppercase
-_ASK = "End your reply with 'The answer is (X).', where X is the letter of your choice."
+# No placeholder letter: asked for "'The answer is (X).', where X is ...", the base model
+# copied "(X)" in 62 of 64 conversion questions.
+_ASK = "End your reply with 'The answer is' followed by the letter of your choice in brackets."
 
 
 @functools.lru_cache(maxsize=64)
@@ -61,15 +63,32 @@ def _question(stem: str, choices: Sequence[str]) -> str:
 class _ChoiceBase:
   """Prompt and reward shared by the multiple-choice tasks."""
   system_prompt: str = ""  # "" = the chat template's own; the format request is in the user turn
+  # Opens the assistant's reply, prefilled: with "The answer is (" the model continues with
+  # the letter (and whatever it adds after it), so no reply lacks a readable choice and a
+  # rollout needs a few tokens. "" = a free reply.
+  answer_prefix: str = ""
   reward_correct: float = 1.0
   reward_wrong: float = 0.0
 
   def messages(self, record: Record) -> list[dict[str, str]]:
     turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-    return turns + [{"role": "user", "content": record["question"]}]
+    turns.append({"role": "user", "content": record["question"]})
+    if self.answer_prefix:
+      turns.append({"role": "assistant", "content": self.answer_prefix})
+    return turns
 
   def correct(self, record: Record, completion: str) -> bool:
-    return extract_choice(completion, LETTERS[:len(record["choices"])]) == record["answer"]
+    # a completion of the prefilled turn is read after its prefix: "B) …" reads as B
+    return extract_choice(self.answer_prefix + completion,
+                          LETTERS[:len(record["choices"])]) == record["answer"]
+
+  def reference(self, record: Record) -> str:
+    """A correct completion in the asked format: 'The answer is (X).', or what follows the
+    prefilled answer_prefix ('X).' after 'The answer is (')."""
+    full = f"The answer is ({record['answer']})."
+    if full.startswith(self.answer_prefix):
+      return full[len(self.answer_prefix):]
+    return f"{record['answer']})."
 
   def reward(self, record: Record, completion: str) -> float:
     return self.reward_correct if self.correct(record, completion) else self.reward_wrong
