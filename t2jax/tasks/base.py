@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,25 @@ class Task(Protocol):
 
   def correct(self, record: Record, completion: str) -> bool:
     """Whether the completion solves the record (the accuracy metric)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionTask:
+  """What the question-answering tasks share: the record's `question` as the user turn (after
+  `system_prompt`, if any), and a reward of reward_correct or reward_wrong by `correct`."""
+  system_prompt: str = ""  # "" = the chat template's own
+  reward_correct: float = 1.0
+  reward_wrong: float = 0.0
+
+  def messages(self, record: Record) -> list[dict[str, str]]:
+    turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    return turns + [{"role": "user", "content": record["question"]}]
+
+  def correct(self, record: Record, completion: str) -> bool:
+    raise NotImplementedError
+
+  def reward(self, record: Record, completion: str) -> float:
+    return self.reward_correct if self.correct(record, completion) else self.reward_wrong
 
 
 def check_split(split: str) -> None:

@@ -18,8 +18,8 @@ import string
 import textwrap
 from typing import Any, Callable, Mapping, Sequence
 
-from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, file_split,
-                              read_jsonl, split_of)
+from t2jax.tasks.base import (SPLITS, QuestionTask, Record, TaskError, check_split, draw_splits,
+                              file_split, read_jsonl, split_of)
 
 # An opening fence at the start of a line, its language tag, then everything up to a closing
 # fence or the end of the text (a completion cut off by max_new_tokens has no closing fence).
@@ -49,27 +49,18 @@ def _passes(program: str, timeout_s: float, unsafe: bool) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _CodeBase:
-  """Prompt and reward shared by the code tasks; `program` joins a completion to its tests."""
-  system_prompt: str = ""  # "" = the chat template's own; the format request is in the user turn
+class _CodeBase(QuestionTask):
+  """Prompt and reward shared by the code tasks (the format request is in the user turn);
+  `program` joins a completion to its tests."""
   timeout_s: float = 5.0  # per program (all of a record's tests), sandbox start-up included
   unsafe_sandbox: bool = False  # run without the sandbox's isolation (see sandbox.run)
-  reward_correct: float = 1.0
-  reward_wrong: float = 0.0
 
   def program(self, record: Record, completion: str) -> str:
     raise NotImplementedError
 
-  def messages(self, record: Record) -> list[dict[str, str]]:
-    turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-    return turns + [{"role": "user", "content": record["question"]}]
-
   def correct(self, record: Record, completion: str) -> bool:
     return _passes(self.program(record, completion), float(self.timeout_s),
                    bool(self.unsafe_sandbox))
-
-  def reward(self, record: Record, completion: str) -> float:
-    return self.reward_correct if self.correct(record, completion) else self.reward_wrong
 
   def reference(self, record: Record) -> str | None:
     """The record's reference solution as a completion in the asked format (a ```python

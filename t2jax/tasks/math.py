@@ -12,8 +12,8 @@ import random
 import re
 from typing import Callable, Sequence
 
-from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, file_split,
-                              read_jsonl, split_of)
+from t2jax.tasks.base import (SPLITS, QuestionTask, Record, TaskError, check_split, draw_splits,
+                              file_split, read_jsonl, split_of)
 
 # level → (digits of the operands, operators)
 LEVELS = {
@@ -58,21 +58,13 @@ def extract_answer(completion: str) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MathBase:
+class _MathBase(QuestionTask):
   system_prompt: str = "Solve the problem. End with 'The answer is N.'"
-  reward_correct: float = 1.0
   reward_wrong: float = -1.0  # the official ±1 reward
-
-  def messages(self, record: Record) -> list[dict[str, str]]:
-    turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-    return turns + [{"role": "user", "content": record["question"]}]
 
   def correct(self, record: Record, completion: str) -> bool:
     got = extract_answer(completion)
     return got is not None and abs(got - float(record["target"])) < 1e-6
-
-  def reward(self, record: Record, completion: str) -> float:
-    return self.reward_correct if self.correct(record, completion) else self.reward_wrong
 
   def reference(self, record: Record) -> str:
     """A correct completion in the asked format: 'The answer is N.'"""

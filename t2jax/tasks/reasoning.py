@@ -12,8 +12,8 @@ import re
 import string
 from typing import Callable, Sequence
 
-from t2jax.tasks.base import (SPLITS, Record, TaskError, check_split, draw_splits, file_split,
-                              read_jsonl)
+from t2jax.tasks.base import (SPLITS, QuestionTask, Record, TaskError, check_split, draw_splits,
+                              file_split, read_jsonl)
 
 LETTERS = string.ascii_uppercase
 # No placeholder letter: asked for "'The answer is (X).', where X is ...", the base model
@@ -60,19 +60,16 @@ def _question(stem: str, choices: Sequence[str]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ChoiceBase:
-  """Prompt and reward shared by the multiple-choice tasks."""
-  system_prompt: str = ""  # "" = the chat template's own; the format request is in the user turn
+class _ChoiceBase(QuestionTask):
+  """Prompt and reward shared by the multiple-choice tasks; the format request is in the user
+  turn (the question's last line)."""
   # Opens the assistant's reply, prefilled: with "The answer is (" the model continues with
   # the letter (and whatever it adds after it), so no reply lacks a readable choice and a
   # rollout needs a few tokens. "" = a free reply.
   answer_prefix: str = ""
-  reward_correct: float = 1.0
-  reward_wrong: float = 0.0
 
   def messages(self, record: Record) -> list[dict[str, str]]:
-    turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-    turns.append({"role": "user", "content": record["question"]})
+    turns = super().messages(record)
     if self.answer_prefix:
       turns.append({"role": "assistant", "content": self.answer_prefix})
     return turns
@@ -89,9 +86,6 @@ class _ChoiceBase:
     if full.startswith(self.answer_prefix):
       return full[len(self.answer_prefix):]
     return f"{record['answer']})."
-
-  def reward(self, record: Record, completion: str) -> float:
-    return self.reward_correct if self.correct(record, completion) else self.reward_wrong
 
 
 # --------------------------------------------------------------------------------------- ARC
