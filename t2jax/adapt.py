@@ -37,7 +37,7 @@ from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 from t2jax.tasks.base import TaskError
 from t2jax.tasks.cls import OTHER, classification_messages, question_text
-from t2jax.tokenizer import encode_chats
+from t2jax.tokenizer import encode_chats, encode_prompts
 
 ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"
 STRATEGIES = ("prompt", "cls_expert", "few_shot")
@@ -266,14 +266,39 @@ def dispatch(probs_BxL, labels: Sequence[str], experts: dict[str, Expert], *,
 
 # ---------------------------------------------------------------------------------------------
 # Few-shot: CEM over mixture coefficients α on a few records of the target task.
+#
+# Mixtures keep the model's scale: α is projected onto the simplex (per column when there is
+# one α per expert per matrix) before any z is mixed, and z' = Σ_k α_k z_k is taken over raw z,
+# before f, as the official code mixes. Why the simplex and not the official code's unnormalised
+# α in [0, 1]^K (optionally followed by its sum-of-singular-values rescale):
+#   scale  f(z) = z and there is no rescale at all: with experts near z = 1, Σα = 3 triples
+#          every targeted weight and α = 0 zeroes it; only Σα = 1 keeps s·f(z') on the experts'
+#          scale.
+#   paper  the nuclear-norm rescale restores Σ s·f(z') but not f's shape: f(Σα p) with Σα = 2
+#          is sigmoid(2p), a different spectrum from any expert's sigmoid(p).
+# On the simplex, K identical experts mix to that expert exactly in both parametrisations
+# (Σα z = z), which no rescale after an unnormalised mix gives. The simplex drops one
+# direction of the official search space: the overall magnitude of α, i.e. exactly the
+# direction that moves the model off its scale. Clamping first (as the official code does)
+# keeps α ≥ 0; an all-zero column becomes uniform (the official rescale divides by zero there).
+
+
+def simplex(alpha, axis: int = 0) -> np.ndarray:
+  """α clamped to [0, 1], then divided by its sum over the experts (`axis`): every slice
+  along `axis` sums to 1. Where every expert's weight clamps to 0, the weights are uniform."""
+  a = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
+  total = a.sum(axis=axis, keepdims=True)
+  return np.where(total > 0, a / np.where(total > 0, total, 1.0), 1.0 / a.shape[axis])
 
 
 @dataclasses.dataclass(frozen=True)
 class CEMResult:
-  alpha: np.ndarray  # [K] or, per_matrix, [K, M] (M = sorted z keys): the best α seen
-  best_score: float  # its objective on the shots
-  history: list[dict[str, Any]]  # per iteration: best, population and at-mean scores; refit
+  alpha: np.ndarray  # [K] or, per_matrix, [K, M] (M = sorted z keys), on the simplex: the best
+  best_score: float  # its objective on the shots (in the last population, which re-scored it)
+  history: list[dict[str, Any]]  # one dict per iteration; see few_shot_cem
   matrices: tuple[str, ...] = ()  # per_matrix: the z key of each column of alpha
+  best_loglik: float | None = None  # its mean log p(reference | shot); None: no references
+  candidates: np.ndarray | None = None  # [iterations, population, *alpha.shape]: every α scored
 
 
 def few_shot_records(task, n: int, split: str = "val", *, seed: int = 0) -> list[dict]:
@@ -303,9 +328,10 @@ def _check_not_test(task, records: Sequence[dict]) -> None:
 
 def mix(experts: Sequence[Expert], alpha, matrices: Sequence[str] = (),
         name: str = "few_shot") -> Expert:
-  """z = Σ_k α_k z_k; α [K] (one weight per expert) or [K, M] (one per expert per matrix,
-  columns named by `matrices`), over raw z as the official code mixes."""
-  alpha = np.asarray(alpha, np.float64)
+  """z = Σ_k α_k z_k over raw z, with α projected onto the simplex first (`simplex`; see the
+  note above). α [K] (one weight per expert) or [K, M] (one per expert per matrix, columns
+  named by `matrices`, each column projected on its own)."""
+  alpha = simplex(alpha, axis=0)
   if alpha.ndim == 1:
     return Expert.mix(experts, alpha.tolist(), name=name)
   first = experts[0]
@@ -320,33 +346,169 @@ def mix(experts: Sequence[Expert], alpha, matrices: Sequence[str] = (),
       e.name: alpha[i].tolist() for i, e in enumerate(experts)}})
 
 
+def _unique_candidates(alpha_PxA: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(the distinct rows [U, ...] in first-seen order, each row's index among them [P])."""
+  flat_PxF = alpha_PxA.reshape(len(alpha_PxA), -1)
+  _, first_U, inverse_P = np.unique(flat_PxF, axis=0, return_index=True, return_inverse=True)
+  order_U = np.argsort(first_U)  # np.unique sorts; keep the population's order
+  rank_U = np.empty_like(order_U)
+  rank_U[order_U] = np.arange(len(order_U))
+  return alpha_PxA[first_U[order_U]], rank_U[np.ravel(inverse_P)]
+
+
+def _token_prompts(model, prompts) -> list[list[int]]:
+  if all(isinstance(p, str) for p in prompts):  # as t2jax.generate encodes strings
+    return encode_prompts(model.tokenizer, list(prompts), True)
+  return [[int(t) for t in p] for p in prompts]
+
+
 def evaluate_population(model, experts: Sequence[Expert], alphas, prompts, records, task, *,
                         max_new_tokens: int, objective: str = "accuracy",
                         matrices: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
-  """Scores every candidate α on every shot in ONE greedy batch (P·S rows, an expert per row).
-  Returns the objective per candidate [P] and per candidate and shot [P, S]."""
+  """Scores every candidate α ([P, K] or [P, K, M], projected onto the simplex) on every shot
+  in ONE greedy batch with an expert per row; candidates whose projected α are equal are
+  generated once (CEM's mean and best rows, clamped draws, a collapsed std). Returns the
+  objective per candidate [P] and per candidate and shot [P, S]."""
   if objective not in OBJECTIVES:
     raise ValueError(f"objective {objective!r} is unknown; use one of {OBJECTIVES}.")
-  candidates = [mix(experts, a, matrices, name=f"candidate{i}") for i, a in enumerate(alphas)]
+  unique, inverse_P = _unique_candidates(simplex(alphas, axis=1))
+  candidates = [mix(experts, a, matrices, name=f"candidate{i}") for i, a in enumerate(unique)]
   s = len(records)
   rows = [c for c in candidates for _ in range(s)]
   gen = generate(model, [p for _ in candidates for p in prompts], max_new_tokens=max_new_tokens,
                  temperature=0.0, experts=rows)
   score = task.correct if objective == "accuracy" else task.reward
-  per_PxS = np.array([[float(score(rec, gen.texts[i * s + j])) for j, rec in enumerate(records)]
+  per_UxS = np.array([[float(score(rec, gen.texts[i * s + j])) for j, rec in enumerate(records)]
                       for i in range(len(candidates))])
+  per_PxS = per_UxS[inverse_P]
   return per_PxS.mean(axis=1), per_PxS
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "linear", "tail"))
+def _tail_logprobs(params, tokens_BxT, mask_BxT, adapters, *, cfg: ModelConfig,
+                   linear: llama.Linear, tail: int) -> jnp.ndarray:
+  """log p(token | the tokens before it) [B, tail] of each row's last `tail` tokens
+  (rows left-padded)."""
+  b, t = tokens_BxT.shape
+  cache = llama.KVCache.zeros(cfg, b, t, params["embed_tokens"].dtype)
+  hidden_BxTxD, _ = llama.forward(params, tokens_BxT, llama.positions_from_mask(mask_BxT), cache,
+                                  jnp.zeros((), jnp.int32), mask_BxT.astype(bool), cfg=cfg,
+                                  linear=linear, adapters=adapters)
+  hidden_RxBxD = jnp.swapaxes(hidden_BxTxD[:, t - tail - 1:t - 1], 0, 1)
+  target_RxB = tokens_BxT[:, t - tail:].T
+
+  def one(args):  # one position at a time: [B, V] logits, never [B, tail, V]
+    h_BxD, y_B = args
+    logp_BxV = jax.nn.log_softmax(llama.lm_head(params, h_BxD[:, None])[:, 0], axis=-1)
+    return jnp.take_along_axis(logp_BxV, y_B[:, None], axis=-1)[:, 0]
+
+  return jax.lax.map(one, (hidden_RxBxD, target_RxB)).T
+
+
+def reference_tokens(model, task, records) -> list[list[int] | None]:
+  """Each record's reference completion (task.reference, the text of a correct answer)
+  tokenised; None where the task gives none (or has no `reference` method)."""
+  reference = getattr(task, "reference", None)
+  out = []
+  for rec in records:
+    text = reference(rec) if reference is not None else None
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    out.append(list(ids) or None)
+  return out
+
+
+def reference_loglik(model, experts: Sequence[Expert], alphas, prompts, references, *,
+                     matrices: Sequence[str] = (), batch_size: int | None = None) -> np.ndarray:
+  """log p(reference_s | prompt_s) [P, S], summed over the reference's tokens (a sequence
+  log-likelihood, as rl.py sums), under each candidate α's mixture: the whole population ×
+  shots in ONE forward pass with an expert per row (factored SVF), candidates with equal
+  projected α scored once. NaN where a shot has no reference. A reference longer than the
+  context left after its prompt is cut to fit. batch_size: rows per call (None = all; the
+  last call padded, so one compile serves them all), to bound memory."""
+  alphas_P = simplex(alphas, axis=1)
+  p, s = len(alphas_P), len(prompts)
+  out_PxS = np.full((p, s), np.nan)
+  prompts = _token_prompts(model, prompts)
+  limit = model.config.max_length
+  refs = [None if r is None else r[:limit - len(q)] for q, r in zip(prompts, references)]
+  shots = [j for j, r in enumerate(refs) if r]
+  if not shots:
+    return out_PxS
+  unique, inverse_P = _unique_candidates(alphas_P)
+  candidates = [mix(experts, a, matrices, name=f"candidate{i}") for i, a in enumerate(unique)]
+  seqs = [prompts[j] + refs[j] for j in shots]
+  rows = [c for c in candidates for _ in shots]
+  tail = -(-max(len(refs[j]) for j in shots) // 16) * 16  # bucketed: fewer compiles
+  width = min(max(sampling.bucket_length(max(len(x) for x in seqs)),
+                  max(len(x) for x in seqs) + 1), limit)
+  tail = min(tail, width - 1)
+  seqs_B = [x for _ in candidates for x in seqs]
+  size = min(batch_size or len(rows), len(rows))
+  chunks = []
+  for start in range(0, len(rows), size):
+    real = len(rows[start:start + size])
+    pad = [len(rows) - 1] * (size - real)
+    rows_b = rows[start:start + size] + [rows[i] for i in pad]
+    tokens_BxT, mask_BxT = sampling.left_pad(seqs_B[start:start + size] + [seqs_B[i] for i in pad],
+                                             model.pad_id, width)
+    params, adapters, linear = expert_lib.bind(model, rows_b, size)
+    chunks.append(np.asarray(_tail_logprobs(params, tokens_BxT, mask_BxT, adapters,
+                                            cfg=model.config, linear=linear, tail=tail),
+                             np.float64)[:real])
+  logp_BxR = np.concatenate(chunks)
+  n_J = np.array([len(refs[j]) for j in shots])
+  own_JxR = np.arange(tail)[None] >= tail - n_J[:, None]  # the reference's own tokens
+  logp_UxJxR = logp_BxR.reshape(len(candidates), len(shots), tail)
+  out_PxS[:, shots] = np.where(own_JxR[None], logp_UxJxR, 0.0).sum(-1)[inverse_P]
+  return out_PxS
+
+
+def rank(score_P, loglik_P, tie_P=None) -> np.ndarray:
+  """Candidates best first: higher objective, then (the paper's tie rule) higher mean
+  log-likelihood of the reference answers (NaN = none, ranks as equal), then lower tie_P
+  (default: the row)."""
+  score_P = np.asarray(score_P, np.float64)
+  ll_P = np.nan_to_num(np.asarray(loglik_P, np.float64), nan=-np.inf)
+  tie_P = np.arange(len(score_P)) if tie_P is None else np.asarray(tie_P)
+  return np.lexsort((tie_P, -ll_P, -score_P))
+
+
+def _mean_over_refs(loglik_PxS: np.ndarray) -> np.ndarray:
+  has_S = ~np.isnan(loglik_PxS[0])
+  if not has_S.any():
+    return np.full(len(loglik_PxS), np.nan)
+  return loglik_PxS[:, has_S].mean(axis=1)
+
+
+def _opt(x) -> float | None:
+  return None if x is None or np.isnan(x) else float(x)
 
 
 def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records, task, *,
                  max_new_tokens: int, population: int = 32, elites: int = 6,
                  iterations: int = 10, init_std: float = 0.5, per_matrix: bool = False,
-                 seed: int = 0, objective: str = "accuracy") -> CEMResult:
+                 seed: int = 0, objective: str = "accuracy", tie_break: bool = True,
+                 loglik_batch_size: int | None = None) -> CEMResult:
   """Cross-entropy method over α (official: population 32, 6 elites, mean 1/K, std 0.5, α
-  clamped to [0, 1]). Each iteration samples the population around the mean (row 0 is the
-  mean itself, so the result is never worse than the current mean), scores it in one batch
-  and refits mean and std to the elites. Shots: token-id prompts (or strings) and their
-  records, from the target task's train or val split (see few_shot_records)."""
+  clamped to [0, 1]; here every candidate is then projected onto the simplex, see `simplex`).
+
+  Each iteration draws the population around the mean; row 0 is the mean itself and row 1 the
+  best α so far, re-scored, so the best is never lost and the mean's score is tracked. The
+  population × shots is generated in one greedy batch (an expert per row; equal α generated
+  once) and, where the task has references (task.reference(record) → text of a correct
+  completion, or None), log p(reference | shot) is scored in one forward pass. Candidates rank
+  by the objective, ties by the mean log-likelihood (the paper's rule; tie_break=False: off),
+  exact ties by row with the fresh draws first. The best is the population's top; mean and
+  std are refit to the elites. loglik_batch_size: rows per log-likelihood call (None: all
+  population × shots rows in one).
+
+  Shots: token-id prompts (or strings) and their records, from the target task's train or val
+  split (see few_shot_records); records of the test split are refused.
+
+  history[i]: iteration; score_at_mean, score_best, score_population_mean,
+  score_population_std; loglik_at_mean, loglik_best (None without references); alpha_mean,
+  alpha_std (the distribution this population was drawn from), alpha_best; candidates (how
+  many distinct α were generated)."""
   experts = list(experts)
   if not experts:
     raise ValueError("few_shot_cem needs at least one expert.")
@@ -360,27 +522,45 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
   _check_not_test(task, shots_records)
   matrices = tuple(sorted(experts[0].z)) if per_matrix else ()
   shape = (len(experts), len(matrices)) if per_matrix else (len(experts),)
+  references = reference_tokens(model, task, shots_records) if tie_break else []
+  use_refs = any(r is not None for r in references)
   rng = np.random.default_rng(seed)
   mean, std = np.full(shape, 1.0 / len(experts)), np.full(shape, float(init_std))
-  best_alpha, best_score, history = mean, -np.inf, []
+  best = mean
+  history, populations = [], []
   for it in range(iterations):
-    pop = rng.normal(mean, std, (population, *shape))
-    pop[0] = mean
-    pop = np.clip(pop, 0.0, 1.0)
-    scores, _ = evaluate_population(model, experts, pop, shots_prompts, shots_records, task,
-                                    max_new_tokens=max_new_tokens, objective=objective,
-                                    matrices=matrices)
-    order = np.argsort(-scores, kind="stable")  # ties: the earlier candidate (the mean first)
-    if scores[order[0]] > best_score:
-      best_alpha, best_score = pop[order[0]], float(scores[order[0]])
+    raw = rng.normal(mean, std, (population, *shape))
+    raw[0] = mean
+    if population > 1:
+      raw[1] = best
+    pop = simplex(raw, axis=1)  # every candidate's columns sum to 1: no rescaled model
+    scores_P, _ = evaluate_population(model, experts, pop, shots_prompts, shots_records, task,
+                                      max_new_tokens=max_new_tokens, objective=objective,
+                                      matrices=matrices)
+    loglik_P = np.full(population, np.nan)
+    if use_refs:
+      loglik_P = _mean_over_refs(reference_loglik(model, experts, pop, shots_prompts,
+                                                  references, matrices=matrices,
+                                                  batch_size=loglik_batch_size))
+    # exact ties left: fresh draws before the mean and the best so far, else a population
+    # that ties everywhere (no shot solved, no references) refits onto the mean and stops
+    order = rank(scores_P, loglik_P, tie_P=(np.arange(population) - 2) % population)
+    top = order[0]
+    best = pop[top]
+    history.append({
+        "iteration": it, "score_at_mean": float(scores_P[0]), "score_best": float(scores_P[top]),
+        "score_population_mean": float(scores_P.mean()),
+        "score_population_std": float(scores_P.std()),
+        "loglik_at_mean": _opt(loglik_P[0]), "loglik_best": _opt(loglik_P[top]),
+        "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "alpha_best": best.tolist(),
+        "candidates": int(len(_unique_candidates(pop)[0]))})
+    populations.append(pop)
     elite = pop[order[:elites]]
-    mean, std = elite.mean(axis=0), elite.std(axis=0)
-    history.append({"iteration": it, "score_best": float(scores[order[0]]),
-                    "score_population": float(scores.mean()),
-                    "score_at_mean": float(scores[0]),  # the mean this iteration sampled around
-                    "refit_mean": mean.tolist(), "refit_std": std.tolist()})
-  return CEMResult(alpha=np.asarray(best_alpha), best_score=best_score, history=history,
-                   matrices=matrices)
+    mean, std = elite.mean(axis=0), elite.std(axis=0)  # the elites' mean stays on the simplex
+  last = history[-1]
+  return CEMResult(alpha=np.asarray(best), best_score=last["score_best"], history=history,
+                   matrices=matrices, best_loglik=last["loglik_best"],
+                   candidates=np.stack(populations))
 
 
 def save_alpha(path: str, result: CEMResult, expert_names: Sequence[str]) -> None:
@@ -388,7 +568,7 @@ def save_alpha(path: str, result: CEMResult, expert_names: Sequence[str]) -> Non
   atomic.write_text(path, json.dumps({
       "experts": list(expert_names), "alpha": np.asarray(result.alpha).tolist(),
       "matrices": list(result.matrices), "best_score": result.best_score,
-      "history": result.history}, indent=1))
+      "best_loglik": result.best_loglik, "history": result.history}, indent=1))
 
 
 def load_alpha(path: str) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
@@ -396,6 +576,45 @@ def load_alpha(path: str) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
   with open(path, encoding="utf-8") as f:
     data = json.load(f)
   return np.asarray(data["alpha"], np.float64), list(data["experts"]), tuple(data["matrices"])
+
+
+def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
+  """The CEM search as a PNG: per iteration the score at the mean, the best so far and the
+  population's mean ± std (left axis), and the best's mean log-likelihood of the references
+  (right axis) when there are references. False (nothing written) without matplotlib."""
+  try:
+    # pylint: disable=import-outside-toplevel
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError:
+    return False
+  if not history:
+    raise ValueError("history is empty: nothing to plot.")
+  it = np.array([h["iteration"] for h in history]) + 1
+  get = lambda k: np.array([np.nan if h.get(k) is None else h[k] for h in history], float)
+  fig = Figure(figsize=(6, 3.6))
+  FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global state
+  ax = fig.add_subplot()
+  pop_mean, pop_std = get("score_population_mean"), get("score_population_std")
+  ax.fill_between(it, pop_mean - pop_std, pop_mean + pop_std, alpha=0.2, color="gray",
+                  label="population mean ± std")
+  ax.plot(it, pop_mean, color="gray", lw=1)
+  ax.plot(it, get("score_at_mean"), "o-", label="at the mean")
+  ax.plot(it, get("score_best"), "s-", label="best")
+  ax.set_xlabel("CEM iteration")
+  ax.set_ylabel("score on the shots")
+  handles, labels = ax.get_legend_handles_labels()
+  loglik = get("loglik_best")
+  if not np.all(np.isnan(loglik)):
+    ax2 = ax.twinx()
+    ax2.plot(it, loglik, "^--", color="tab:red", label="best: mean log p(reference)")
+    ax2.set_ylabel("mean log p(reference)")
+    h2, l2 = ax2.get_legend_handles_labels()
+    handles, labels = handles + h2, labels + l2
+  ax.legend(handles, labels, fontsize=8, loc="lower right")
+  fig.tight_layout()
+  atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +652,7 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
       raise ValueError("strategy 'few_shot' needs alpha (from few_shot_cem).")
     mixed = mix([experts[n] for n in names], alpha, matrices)
     rows = [mixed] * len(chats)
-    a = np.asarray(alpha, np.float64)
+    a = simplex(alpha, axis=0)  # the weights the mixture was made with
     weights = [{n: (float(a[i]) if a.ndim == 1 else a[i].tolist())
                 for i, n in enumerate(names)}] * len(chats)
   else:

@@ -57,11 +57,17 @@ class Expert:
   @staticmethod
   def mix(experts: Sequence["Expert"], weights: Sequence[float],
           name: str = "mixture") -> "Expert":
-    """z = Σ_k w_k z_k over raw z (as the official code mixes, before any sigmoid)."""
+    """z = Σ_k w_k z_k over raw z (as the official code mixes, before any sigmoid). The
+    weights must lie on the simplex (w ≥ 0, Σw = 1): with `scale` experts (z ≈ 1), Σw = 3
+    would triple every targeted weight; t2jax.adapt.simplex projects any α there."""
     experts = list(experts)
     if not experts or len(experts) != len(weights):
       raise SVFError(f"mix needs one weight per expert; got {len(experts)} experts and "
                      f"{len(weights)} weights.")
+    w = np.asarray(weights, np.float64)
+    if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
+      raise SVFError(f"mixture weights must be >= 0 and sum to 1 (the model's scale); got "
+                     f"{w.tolist()}. Project them with t2jax.adapt.simplex.")
     first = experts[0]
     for e in experts[1:]:
       first.check_same_space(e)

@@ -5,6 +5,7 @@ row generated alone."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 
@@ -15,6 +16,7 @@ import transformers
 import t2jax
 from t2jax import adapt
 from t2jax import tasks as tasks_lib
+from t2jax.svf import SVFError
 from t2jax.tasks.base import TaskError, check_split
 from t2jax.tasks.cls import Classification, classification_messages, extract_label
 from t2jax.tasks.math import Arithmetic
@@ -130,10 +132,10 @@ def test_the_content_free_rows_are_scored_once_per_model_expert_and_labels(model
   seen = []
   scored = adapt.classification_prompts
 
-  def counting(m, qs, labs):
+  def counting(m, qs, labs, *style):
     if list(qs) != ["A", "7"]:  # shared_prefix's probe questions, built for every batch
       seen.append(len(qs))
-    return scored(m, qs, labs)
+    return scored(m, qs, labs, *style)
 
   monkeypatch.setattr(adapt, "classification_prompts", counting)
   first = adapt.label_probs(model, QUESTIONS, labels, calibrated=True)
@@ -238,12 +240,63 @@ def echo(model, experts):
   return task, prompts, train
 
 
-def test_population_in_one_batch_equals_each_candidate_alone(model, experts, echo):
+def test_simplex_clamps_then_divides_by_the_sum():
+  np.testing.assert_allclose(adapt.simplex([0.2, 0.6]), [0.25, 0.75])
+  np.testing.assert_allclose(adapt.simplex([1.7, -0.3, 1.0]), [0.5, 0.0, 0.5])  # clamped first
+  np.testing.assert_allclose(adapt.simplex([-1.0, 0.0, -2.0]), [1 / 3] * 3)  # all zero: uniform
+  per_matrix = adapt.simplex([[0.2, -1.0, 3.0], [0.6, -1.0, 0.0]])  # [K, M]: per column
+  np.testing.assert_allclose(per_matrix, [[0.25, 0.5, 1.0], [0.75, 0.5, 0.0]])
+  pop = adapt.simplex(np.random.default_rng(0).normal(0.3, 1.0, (50, 3, 4)), axis=1)
+  np.testing.assert_allclose(pop.sum(axis=1), 1.0, atol=1e-12)
+  assert pop.min() >= 0
+
+
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+def test_a_mixture_of_identical_experts_is_that_expert(loaded, parametrisation):
+  tiny, _ = loaded("llama")
+  base = t2jax.Expert.init(tiny, parametrisation=parametrisation)
+  rng = np.random.default_rng(5)
+  e = dataclasses.replace(base, z={k: (v + 0.5 * rng.standard_normal(v.shape)).astype(np.float32)
+                                   for k, v in base.z.items()})
+  ids = rng.integers(0, tiny.config.vocab_size, (2, 9))
+  want = np.asarray(tiny.logits(ids, e))
+  assert np.abs(want - np.asarray(tiny.logits(ids))).max() > 0.1  # e is not the base model
+  keys = tuple(sorted(e.z))
+  per_expert = [[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [1 / 3] * 3,
+                [0.9, 0.9, 0.9], [0.0, 0.0, 0.0]]  # the last two: off the simplex, projected
+  per_matrix = [rng.uniform(0, 1, (3, len(keys))), np.eye(3, len(keys)),
+                np.zeros((3, len(keys)))]
+  for alpha in per_expert + per_matrix:
+    mixed = adapt.mix([e, e, e], alpha, keys if np.ndim(alpha) == 2 else ())
+    for k in keys:
+      np.testing.assert_allclose(mixed.z[k], e.z[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(tiny.logits(ids, mixed)), want, atol=2e-5)
+  # what the simplex prevents: the unnormalised official mix α = (0.9, 0.9, 0.9) is another
+  # model, by several logit units (scale: weights × 2.7; paper: sigmoid(2.7 p), rescaled)
+  raw = dataclasses.replace(e, z={k: (2.7 * v).astype(np.float32) for k, v in e.z.items()})
+  assert np.abs(np.asarray(tiny.logits(ids, raw)) - want).max() > 0.5
+  with pytest.raises(SVFError, match="sum to 1"):
+    t2jax.Expert.mix([e, e, e], [0.9, 0.9, 0.9])
+
+
+def test_population_in_one_batch_equals_each_candidate_alone(model, experts, echo, monkeypatch):
   task, prompts, shots = echo
   pair = [experts["math"], experts["code"]]
-  alphas = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.8, 0.3]])
+  alphas = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.8, 0.3], [0.4, 0.4], [3.0, -1.0]])
+  rows = []
+  real = adapt.generate
+
+  def spy(model_, prompts_, **kwargs):
+    rows.append(len(prompts_))
+    return real(model_, prompts_, **kwargs)
+
+  monkeypatch.setattr(adapt, "generate", spy)
   scores, per = adapt.evaluate_population(model, pair, alphas, prompts, shots, task,
                                           max_new_tokens=NEW)
+  # rows 4 and 5 project onto rows 1 and 0: 4 distinct candidates generated, in one call
+  assert rows == [4 * len(shots)]
+  np.testing.assert_array_equal(per[4], per[1])
+  np.testing.assert_array_equal(per[5], per[0])
   assert per[0].all() and scores[0] == 1.0  # the math expert alone reproduces its targets
   assert scores.min() < 1.0  # candidates differ
   for a, row in zip(alphas, per):
@@ -252,8 +305,54 @@ def test_population_in_one_batch_equals_each_candidate_alone(model, experts, ech
     np.testing.assert_array_equal(alone[0], row)
 
 
-def test_few_shot_cem_clamps_and_improves_the_objective(model, experts, echo, monkeypatch,
-                                                        tmp_path):
+@dataclasses.dataclass(frozen=True)
+class RefTask(EchoTask):
+  """Never solved (every candidate ties at 0), with the echo target as reference answer: the
+  search can only follow the log-likelihood tie rule."""
+
+  def correct(self, record, completion):
+    return False
+
+  def reference(self, record):
+    return record.get("target") or None
+
+
+def test_reference_loglik_equals_each_sequence_alone(model, experts, echo):
+  task, prompts, shots = echo
+  pair = [experts["math"], experts["code"]]
+  ref_task = RefTask(splits=task.splits)
+  records = [*shots[:3], {"question": "No reference.", "target": ""}]
+  refs = adapt.reference_tokens(model, ref_task, records)
+  assert refs[3] is None and all(refs[:3])
+  ps = prompts[:3] + encode_chats(model.tokenizer, [ref_task.messages(records[3])])
+  alphas = np.array([[1.0, 0.0], [0.3, 0.7], [1.0, 0.0]])
+  got = adapt.reference_loglik(model, pair, alphas, ps, refs)
+  assert got.shape == (3, 4) and np.isnan(got[:, 3]).all()
+  chunked = adapt.reference_loglik(model, pair, alphas, ps, refs, batch_size=4)  # 4 + 2 rows
+  np.testing.assert_allclose(chunked, got, atol=1e-4)
+  np.testing.assert_array_equal(got[2], got[0])  # equal α: scored once, copied
+  for a, row in zip(alphas[:2], got):
+    mixed = adapt.mix(pair, a)
+    for p, r, value in zip(ps, refs[:3], row):
+      seq = np.array([p + r])
+      logp = np.asarray(model.logits(seq, mixed), np.float64)[0]
+      logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1,
+                                                                         keepdims=True)) \
+          - logp.max(-1, keepdims=True)
+      want = sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(r))
+      assert value == pytest.approx(want, abs=2e-3)
+
+
+def test_ranking_breaks_ties_by_loglik():
+  order = adapt.rank([0.5, 0.75, 0.75, 0.25], [-1.0, -9.0, -3.0, 0.0])
+  np.testing.assert_array_equal(order, [2, 1, 0, 3])
+  np.testing.assert_array_equal(adapt.rank([1.0, 1.0, 0.0], [np.nan] * 3), [0, 1, 2])
+  np.testing.assert_array_equal(adapt.rank([1.0, 1.0, 1.0], [np.nan] * 3, tie_P=[1, 2, 0]),
+                                [2, 0, 1])
+
+
+def test_few_shot_cem_searches_the_simplex_and_improves_the_objective(model, experts, echo,
+                                                                      monkeypatch, tmp_path):
   task, prompts, shots = echo
   seen = []
   real = adapt.evaluate_population
@@ -265,16 +364,28 @@ def test_few_shot_cem_clamps_and_improves_the_objective(model, experts, echo, mo
   monkeypatch.setattr(adapt, "evaluate_population", spy)
   pair = [experts["math"], experts["code"]]
   result = adapt.few_shot_cem(model, pair, prompts, shots, task, max_new_tokens=NEW,
-                              population=8, elites=2, iterations=3, init_std=1.0, seed=1)
-  assert len(seen) == 3 and all(p.shape == (8, 2) for p in seen)  # one batch per iteration
+                              population=12, elites=3, iterations=4, init_std=1.0, seed=1)
+  assert len(seen) == 4 and all(p.shape == (12, 2) for p in seen)  # one batch per iteration
+  np.testing.assert_array_equal(np.stack(seen), result.candidates)
   pops = np.concatenate(seen)
+  np.testing.assert_allclose(pops.sum(axis=1), 1.0, atol=1e-12)  # every candidate on the simplex
   assert pops.min() == 0.0 and pops.max() == 1.0  # std 1 draws outside [0, 1]: clamped
   np.testing.assert_allclose(seen[0][0], [0.5, 0.5])  # row 0: the mean, init 1/K
-  assert np.all((result.alpha >= 0) & (result.alpha <= 1)) and result.alpha.shape == (2,)
+  for it in (1, 2, 3):  # row 1: the best so far, re-scored
+    np.testing.assert_array_equal(seen[it][1], result.history[it - 1]["alpha_best"])
+  assert result.alpha.shape == (2,) and result.alpha.sum() == pytest.approx(1.0)
   uniform = result.history[0]["score_at_mean"]  # the initial mean, α = (1/2, 1/2)
   assert result.best_score > uniform and result.alpha[0] > result.alpha[1]  # towards math
   assert result.history[-1]["score_at_mean"] > uniform  # the refitted mean moved there too
-  assert result.best_score == max(h["score_best"] for h in result.history)
+  assert [h["score_best"] for h in result.history] == sorted(h["score_best"]
+                                                             for h in result.history)
+  assert result.best_score == result.history[-1]["score_best"] and result.best_loglik is None
+  h = result.history[0]
+  assert set(h) == {"iteration", "score_at_mean", "score_best", "score_population_mean",
+                    "score_population_std", "loglik_at_mean", "loglik_best", "alpha_mean",
+                    "alpha_std", "alpha_best", "candidates"}
+  assert h["alpha_mean"] == [0.5, 0.5] and h["alpha_std"] == [1.0, 1.0]
+  assert h["candidates"] <= 11  # rows 0 and 1 (mean = best so far) generated once
   _, per = real(model, pair, result.alpha[None], prompts, shots, task, max_new_tokens=NEW)
   assert per.mean() == result.best_score  # the α returned scores what CEM recorded
 
@@ -283,6 +394,54 @@ def test_few_shot_cem_clamps_and_improves_the_objective(model, experts, echo, mo
   alpha, names, matrices = adapt.load_alpha(path)
   np.testing.assert_allclose(alpha, result.alpha)
   assert names == ["math", "code"] and matrices == ()
+  with open(path) as f:
+    assert json.load(f)["history"] == result.history
+  assert adapt.plot_history(str(tmp_path / "cem.png"), result.history)
+  assert (tmp_path / "cem.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("per_matrix", [False, True])
+def test_no_cem_candidate_rescales_the_model(model, experts, echo, monkeypatch, per_matrix):
+  """Three copies of one expert: every candidate CEM generates with must be that expert
+  exactly, which holds iff its α sums to 1 (per matrix: every column)."""
+  task, prompts, shots = echo
+  e = experts["code"]
+  rows = []
+  real = adapt.generate
+
+  def spy(model_, prompts_, **kwargs):
+    rows.extend(kwargs["experts"])
+    return real(model_, prompts_, **kwargs)
+
+  monkeypatch.setattr(adapt, "generate", spy)
+  result = adapt.few_shot_cem(model, [e, e, e], prompts[:2], shots[:2], task,
+                              max_new_tokens=NEW, population=6, elites=2, iterations=2,
+                              init_std=1.0, per_matrix=per_matrix)
+  assert rows and len(rows) <= 2 * 6 * 2
+  for row in rows:
+    for k in e.z:
+      np.testing.assert_allclose(row.z[k], e.z[k], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(result.candidates.sum(axis=2), 1.0, atol=1e-12)
+  assert result.candidates.shape == ((2, 6, 3, len(e.z)) if per_matrix else (2, 6, 3))
+
+
+def test_ties_in_the_objective_follow_the_reference_loglik(model, experts, echo):
+  task, prompts, shots = echo
+  ref_task = RefTask(splits=task.splits)
+  pair = [experts["math"], experts["code"]]
+  result = adapt.few_shot_cem(model, pair, prompts, shots, ref_task, max_new_tokens=NEW,
+                              population=8, elites=2, iterations=3, init_std=1.0, seed=1)
+  assert all(h["score_best"] == 0.0 for h in result.history)  # the objective never decides
+  first = result.history[0]
+  assert first["loglik_best"] > first["loglik_at_mean"]
+  assert result.best_loglik == result.history[-1]["loglik_best"] >= first["loglik_best"]
+  assert result.alpha[0] > 0.5  # the targets are the math expert's own greedy answers
+  # without the tie rule, every candidate ties: the first fresh draw (row 2) ranks first
+  flat = adapt.few_shot_cem(model, pair, prompts, shots, ref_task, max_new_tokens=NEW,
+                            population=8, elites=2, iterations=1, init_std=1.0, seed=1,
+                            tie_break=False)
+  np.testing.assert_array_equal(flat.alpha, flat.candidates[0, 2])
+  assert flat.history[0]["loglik_best"] is None
 
 
 def test_few_shot_per_matrix_alpha(model, experts, echo):
@@ -292,10 +451,11 @@ def test_few_shot_per_matrix_alpha(model, experts, echo):
                               population=4, elites=2, iterations=1, per_matrix=True)
   keys = sorted(pair[0].z)
   assert result.alpha.shape == (2, len(keys)) and list(result.matrices) == keys
+  np.testing.assert_allclose(result.alpha.sum(axis=0), 1.0)
   mixed = adapt.mix(pair, result.alpha, result.matrices)
   k = keys[1]
   np.testing.assert_allclose(mixed.z[k], result.alpha[0, 1] * pair[0].z[k]
-                             + result.alpha[1, 1] * pair[1].z[k], rtol=1e-6)
+                             + result.alpha[1, 1] * pair[1].z[k], rtol=1e-6, atol=1e-7)
 
 
 def test_few_shot_refuses_test_shots(model, experts, echo):
