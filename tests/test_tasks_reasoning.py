@@ -213,3 +213,23 @@ def test_prefilled_answer_and_references(tmp_path):
   other = small(answer_prefix="Answer: ")
   rec = other.records("test")[0]
   assert other.correct(rec, other.reference(rec))
+
+
+def test_distractors_give_no_positional_cue():
+  recs = small(kinds="weekday,conversion", train_size=300, val_size=20, test_size=20,
+               seed=5).records("train")
+  options = {}
+  for rec in small(kinds="weekday,conversion", train_size=300, val_size=20,
+                   test_size=20).records("train") + recs:  # two seeds, one option set a question
+    assert options.setdefault(rec["stem"], sorted(rec["choices"])) == sorted(rec["choices"])
+  runs = 0
+  for rec in recs:
+    right = rec["choices"]["ABCD".index(rec["answer"])]
+    if rec["kind"] == "weekday":  # once the answer was always second of four consecutive days
+      days = sorted(_DAYS.index(c) for c in rec["choices"])
+      runs += any(all((d + i) % 7 in days for i in range(4)) for d in days)
+    else:  # once the answer always had answer ± 1 (or × 10) beside it
+      value = int(right.split()[0])
+      values = {int(c.split()[0]) for c in rec["choices"]}
+      assert not {value - 1, value + 1} <= values
+  assert runs < 0.3 * sum(r["kind"] == "weekday" for r in recs)

@@ -169,6 +169,13 @@ def _ordering(rng: random.Random) -> tuple[str, list[str], int]:
   return f"{' '.join(facts)} Who is the {word}?", people, rank
 
 
+def _by_stem(stem: str) -> random.Random:
+  """A generator seeded by the question: its distractors are a function of the question, so a
+  question has one set of options and its split (a hash of question and options) is the
+  question's own."""
+  return random.Random(hashlib.sha256(stem.encode()).hexdigest())
+
+
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
@@ -177,9 +184,12 @@ def _weekday(rng: random.Random) -> tuple[str, list[str], int]:
   answer = (today + n) % 7 if future else (today - n) % 7
   when = f"in {n} days" if future else f"{n} days ago"
   verb = "will it be" if future else "was it"
-  # Near misses: one day off either way, and two days off.
-  options = [DAYS[answer]] + [DAYS[(answer + d) % 7] for d in (-1, 1, 2)]
-  return f"Today is {DAYS[today]}. What day of the week {verb} {when}?", options, 0
+  stem = f"Today is {DAYS[today]}. What day of the week {verb} {when}?"
+  # Three other days, at random: near misses that always sat around the answer (one day off
+  # either way, two days off) made it the second of four consecutive days, a cue without
+  # any counting.
+  others = _by_stem(stem).sample([d for d in range(7) if d != answer], 3)
+  return stem, [DAYS[answer]] + [DAYS[d] for d in others], 0
 
 
 _SYLLABLES = ("bl", "gr", "fl", "dr", "sn", "tr", "pl", "cr", "zy", "m", "v", "k")
@@ -220,19 +230,24 @@ _UNITS = (("metres", "centimetres", 100), ("kilometres", "metres", 1000),
           ("centimetres", "millimetres", 10), ("years", "months", 12))
 
 
+_FACTORS = sorted({f for _, _, f in _UNITS})
+
+
 def _conversion(rng: random.Random) -> tuple[str, list[str], int]:
   big, small, f = rng.choice(_UNITS)
   n = rng.randint(2, 25)
+  # The slip is the wrong factor (60 for 100, 1000 for 24 …): every option is the given number
+  # multiplied (or divided) by some factor, so only knowing the units picks the right one.
+  # (Slips around the answer — ×10, ±1 — made it the centre of the options.)
   if rng.random() < 0.5:
     stem, unit, answer = f"How many {small} are there in {n} {big}?", small, n * f
+    wrong = [n * g for g in _FACTORS]
   else:
     stem, unit, answer = f"How many {big} are there in {n * f} {small}?", big, n
-  # Common slips: a factor of ten, adding instead of multiplying, one unit off.
-  wrong = [answer * 10, answer + f, answer + 1, answer - 1 if answer > 1 else answer + 2]
-  if answer % 10 == 0:
-    wrong.insert(1, answer // 10)
-  wrong = [w for w in dict.fromkeys(wrong) if w != answer][:3]
-  return stem, [f"{v} {unit}" for v in [answer] + wrong], 0
+    # other factors, no conversion, multiplying instead of dividing, subtracting
+    wrong = [n * f // g for g in _FACTORS if n * f % g == 0] + [n * f, n * f * f, n * f - f]
+  wrong = [w for w in dict.fromkeys(wrong) if w != answer]
+  return stem, [f"{v} {unit}" for v in [answer] + _by_stem(stem).sample(wrong, 3)], 0
 
 
 _CATEGORIES = {
