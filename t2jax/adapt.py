@@ -586,6 +586,7 @@ def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
     # pylint: disable=import-outside-toplevel
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
   except ImportError:
     return False
   if not history:
@@ -602,6 +603,7 @@ def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
   ax.plot(it, get("score_at_mean"), "o-", label="at the mean")
   ax.plot(it, get("score_best"), "s-", label="best")
   ax.set_xlabel("CEM iteration")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylabel("score on the shots")
   handles, labels = ax.get_legend_handles_labels()
   loglik = get("loglik_best")

@@ -400,6 +400,14 @@ def test_few_shot_cem_searches_the_simplex_and_improves_the_objective(model, exp
   assert (tmp_path / "cem.png").stat().st_size > 1000
 
 
+def test_plot_history_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
+  history = [{"iteration": 0, "score_at_mean": 0.25, "score_best": 0.5,
+              "score_population_mean": 0.3, "score_population_std": 0.1, "loglik_best": -2.0}]
+  monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import → ImportError
+  assert adapt.plot_history(str(tmp_path / "cem.png"), history) is False
+  assert not (tmp_path / "cem.png").exists()
+
+
 @pytest.mark.parametrize("per_matrix", [False, True])
 def test_no_cem_candidate_rescales_the_model(model, experts, echo, monkeypatch, per_matrix):
   """Three copies of one expert: every candidate CEM generates with must be that expert
