@@ -68,7 +68,7 @@ def test_arc_layouts_prompt_and_reward(tmp_path):
   assert liquid["choices"] == ["water", "salt", "sand"]
   assert task.messages(gas) == [{"role": "user", "content": gas["question"]}]
   assert gas["question"].startswith("Which is a gas?\n\n(A) rock\n(B) steam\n(C) ice\n(D) wood")
-  assert "'The answer is' followed by the letter" in gas["question"]
+  assert gas["question"].endswith("End with 'The answer is' and the letter of your choice.")
   assert "(X)" not in gas["question"]  # the base model copied a placeholder letter
   assert task.reward(gas, "Steam is water vapour. The answer is (B).") == 1.0
   assert task.reward(gas, "The answer is (A).") == 0.0

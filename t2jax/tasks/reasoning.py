@@ -17,8 +17,9 @@ from t2jax.tasks.base import (SPLITS, QuestionTask, Record, TaskError, check_spl
 
 LETTERS = string.ascii_uppercase
 # No placeholder letter: asked for "'The answer is (X).', where X is ...", the base model
-# copied "(X)" in 62 of 64 conversion questions.
-_ASK = "End your reply with 'The answer is' followed by the letter of your choice in brackets."
+# copied "(X)" in 62 of 64 conversion questions. Short: every prompt token is prefilled once
+# per rollout.
+_ASK = "End with 'The answer is' and the letter of your choice."
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,7 +198,9 @@ _VOWELS = ("a", "o", "i", "u", "ee", "oo")
 
 
 def _nonce(rng: random.Random) -> str:
-  return "".join(rng.choice(_SYLLABLES) + rng.choice(_VOWELS) for _ in range(2)) + "ps"
+  # one syllable ('bloox', 'gruz'): two made the longest prompts ~20 tokens longer; endings
+  # that make no English plural ('grips', 'creeks' are words)
+  return rng.choice(_SYLLABLES) + rng.choice(_VOWELS) + rng.choice(("x", "z", "sk"))
 
 
 # form → (premises, the conclusion that follows, three that do not)
