@@ -29,8 +29,9 @@ def main() -> None:
   p.add_argument("--experts", default="",
                  help="label=DIR,...; math, code and reasoning not given are drawn at random")
   p.add_argument("--size", type=int, default=32, help="math test prompts (one batch)")
-  p.add_argument("--suite", default="", choices=("", "cot"),
-                 help="configs/adapt.py's math suite: direct answers, or cot (step by step)")
+  p.add_argument("--suite", default="own", choices=("own", "cot"),
+                 help="configs/adapt.py's math suite on the math task: direct answers (own), "
+                      "or cot (step by step)")
   p.add_argument("--new-tokens", default="",
                  help="comma-separated pass-2 limits; default: the suite's own")
   p.add_argument("--reps", type=int, default=3)

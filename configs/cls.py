@@ -15,21 +15,30 @@ Measured here with --config.steps=16 --config.eval_every=8 --config.eval_size=40
 "CATEGORY}"); as the cls_expert of configs/adapt.py it dispatched 96/96 test prompts right.
 """
 
+import os
+
 import ml_collections
 
-from t2jax.config_defaults import base_config
+from t2jax.config_defaults import base_config, config_module
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = "math,code,reasoning"
 
 
 def get_config():
   c = base_config()
   c.task = "cls"
-  c.task_args.sources = "math,code,reasoning"  # each source task's name is a label (+ "other")
+  c.task_args.sources = SOURCES  # each source task's name is a label (+ "other")
   c.task_args.per_source = 200  # prompts per label over cls train/val/test (same count per label)
   c.task_args.val_fraction = 0.1
   c.task_args.test_fraction = 0.1
   c.task_args.seed = 0  # which train prompts of each source are drawn
-  # task_args of each source task, by name (the evaluated tasks should use the same settings)
-  c.task_args.source_args = ml_collections.ConfigDict({"math": {"level": 2}})
+  # task_args of each source task, by name: as configs/<source>.py trains its expert, so the
+  # classifier sees only the experts' own training prompts (e.g. only the reasoning families
+  # configs/reasoning.py trains on, never the one held out as an unseen target task)
+  c.task_args.source_args = ml_collections.ConfigDict({
+      name: config_module(os.path.join(_HERE, f"{name}.py")).get_config().task_args.to_dict()
+      for name in SOURCES.split(",")})
   c.steps = 40
   c.batch_size = 16
   c.samples_per_prompt = 4

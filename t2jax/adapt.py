@@ -36,7 +36,7 @@ from t2jax.generation import Generation, generate
 from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 from t2jax.tasks.base import TaskError
-from t2jax.tasks.cls import OTHER, classification_messages, question_text
+from t2jax.tasks.cls import OTHER, PROMPT_STYLES, classification_messages, question_text
 from t2jax.tokenizer import encode_chats, encode_prompts
 
 ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"
@@ -113,22 +113,23 @@ def label_tokens(model, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
   return tokens, mask
 
 
-def classification_prompts(model, questions: Sequence[str],
-                           labels: Sequence[str]) -> list[list[int]]:
+def classification_prompts(model, questions: Sequence[str], labels: Sequence[str],
+                           prompt_style: str = "ours") -> list[list[int]]:
   """Token ids of pass 1's prompts: classification_messages in the chat template, ending in
   the assistant turn opened with "\\boxed{" (the cls task's prompts, token for token). The
   label is tokenised on its own and appended: the pre-tokenizer splits "{" from the word after
   it, so this is how "\\boxed{math}" reads."""
-  return encode_chats(model.tokenizer, [classification_messages(q, labels) for q in questions])
+  return encode_chats(model.tokenizer, [classification_messages(q, labels, prompt_style)
+                                        for q in questions])
 
 
-def shared_prefix(model, prompts: Sequence[list[int]],
-                  labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+def shared_prefix(model, prompts: Sequence[list[int]], labels: Sequence[str],
+                  prompt_style: str = "ours") -> tuple[list[int], list[list[int]]]:
   """(the tokens every prompt starts with, each prompt's rest). The chat header and the
   classification instruction come before the question, so the prefix is the same for every
   question (probed with two questions that differ in their first character), which keeps its
   length, and so the compiled program, the same across tasks. Every rest keeps >= 1 token."""
-  probe_a, probe_b = classification_prompts(model, ["A", "7"], labels)
+  probe_a, probe_b = classification_prompts(model, ["A", "7"], labels, prompt_style)
   k = next((i for i, (x, y) in enumerate(zip(probe_a, probe_b)) if x != y), len(probe_a))
   k = min(k, min(len(p) for p in prompts) - 1)
   while any(p[:k] != probe_a[:k] for p in prompts):  # a question that merged into the prefix
@@ -172,7 +173,7 @@ def _memo_put(model, expert, key, value):
 
 def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
                 expert: Expert | None = None, batch_size: int | None = None,
-                calibrated: bool = False) -> np.ndarray:
+                calibrated: bool = False, prompt_style: str = "ours") -> np.ndarray:
   """p(label) [B, L] for each question. expert: None (strategy "prompt") or the classification
   expert (strategy "cls_expert"), materialised once for all rows. Batches of `batch_size`
   (None = all at once; the last one padded) share one padded length, so one compile serves a
@@ -180,26 +181,29 @@ def label_probs(model, questions: Sequence[str], labels: Sequence[str], *,
   its KV cache is remembered; per row, the question and answer opening run once and each
   label's tokens once, all in one call. calibrated: divide
   by the probabilities of CONTENT_FREE questions (see `calibrate`), scored once per (model,
-  expert, labels) and remembered."""
+  expert, labels) and remembered. prompt_style: "ours" or "official" (the official code's
+  wording, tasks/cls.py: classification_messages)."""
   if not questions:
     raise ValueError("questions is empty.")
   if calibrated:
-    content_free = _memo_get(model, expert, ("content_free", tuple(labels)))
+    memo_key = ("content_free", tuple(labels), prompt_style)
+    content_free = _memo_get(model, expert, memo_key)
     if content_free is not None:
       return calibrate(label_probs(model, questions, labels, expert=expert,
-                                   batch_size=batch_size), content_free)
+                                   batch_size=batch_size, prompt_style=prompt_style),
+                       content_free)
     # the first time, the content-free rows ride along in the same batches: no extra compile
     probs = label_probs(model, list(questions) + list(CONTENT_FREE), labels, expert=expert,
-                        batch_size=batch_size)
-    _memo_put(model, expert, ("content_free", tuple(labels)), probs[len(questions):])
+                        batch_size=batch_size, prompt_style=prompt_style)
+    _memo_put(model, expert, memo_key, probs[len(questions):])
     return calibrate(probs[:len(questions)], probs[len(questions):])
-  prompts = classification_prompts(model, questions, labels)
+  prompts = classification_prompts(model, questions, labels, prompt_style)
   labels_LxC, label_mask_LxC = label_tokens(model, labels)
   longest = max(len(p) for p in prompts)
   if longest + labels_LxC.shape[1] > model.config.max_length:
     raise ValueError(f"a classification prompt has {longest} tokens; with its label that "
                      f"exceeds the model's context of {model.config.max_length} tokens.")
-  prefix_K, rests = shared_prefix(model, prompts, labels)
+  prefix_K, rests = shared_prefix(model, prompts, labels, prompt_style)
   # rests are short (a question and the answer opening): pad to 8s, not bucket_length's 16s
   rest_len = -(-max(len(x) for x in rests) // 8) * 8
   size = batch_size or len(rests)
@@ -633,7 +637,8 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
                       max_new_tokens: int, threshold: float = 0.0,
                       cls_expert: Expert | None = None, alpha=None,
                       matrices: Sequence[str] = (), batch_size: int | None = None,
-                      temperature: float = 0.0, seed: int = 0, calibrated: bool = True
+                      temperature: float = 0.0, seed: int = 0, calibrated: bool = True,
+                      prompt_style: str = "ours"
                       ) -> tuple[Generation, list[dict[str, float]], dict[str, float]]:
   """Pass 1 picks each prompt's expert mixture, pass 2 generates all prompts in ONE
   t2jax.generate call with an expert per row, on the same loaded params.
@@ -663,7 +668,8 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
     labels = names + [OTHER]
     probs = label_probs(model, [question_text(c) for c in chats], labels,
                         expert=cls_expert if strategy == "cls_expert" else None,
-                        batch_size=batch_size, calibrated=calibrated)
+                        batch_size=batch_size, calibrated=calibrated,
+                        prompt_style=prompt_style)
     rows, weights = dispatch(probs, labels, experts, threshold=threshold)
   t1 = time.perf_counter()
   tokens = encode_chats(model.tokenizer, chats)

@@ -60,12 +60,13 @@ def experts(model):
   return {"math": _expert(model, 0.8, 1, "math"), "code": _expert(model, 0.8, 2, "code")}
 
 
-def _reference_probs(model, questions, labels, expert=None) -> np.ndarray:
+def _reference_probs(model, questions, labels, expert=None, style="ours") -> np.ndarray:
   """p(label) from full, unshared sequences [prompt + label + "}"], right-padded (causal: the
   padding after a sequence cannot change it) and run in one model.logits call."""
   tok = model.tokenizer
-  prefix = tok("\\boxed{", add_special_tokens=False)["input_ids"]
-  user_turns = [classification_messages(q, labels)[:1] for q in questions]  # no prefill
+  opening = classification_messages("q", labels, style)[-1]["content"]  # the prefilled turn
+  prefix = tok(opening, add_special_tokens=False)["input_ids"]
+  user_turns = [classification_messages(q, labels, style)[:-1] for q in questions]  # no prefill
   prompts = [tok(tok.apply_chat_template(t, tokenize=False, add_generation_prompt=True),
                  add_special_tokens=False)["input_ids"] + prefix for t in user_turns]
   label_ids = [tok(lab + "}", add_special_tokens=False)["input_ids"] for lab in labels]
@@ -114,6 +115,23 @@ def test_label_probs_equal_full_sequences(model, experts):
   e = experts["math"]
   np.testing.assert_allclose(adapt.label_probs(model, QUESTIONS, LABELS, expert=e),
                              _reference_probs(model, QUESTIONS, LABELS, e), atol=1e-4)
+
+
+def test_official_dispatch_prompt_scores_labels_after_its_own_wording(model):
+  labels = ["code", "math", "reasoning", "other"]
+  msgs = classification_messages("What is 2+2?", labels, "official")
+  assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+  assert msgs[1]["content"] == "What is 2+2?"
+  assert "Classification: \\boxed{category}" in msgs[0]["content"]
+  want = _reference_probs(model, QUESTIONS, labels, style="official")
+  got = adapt.label_probs(model, QUESTIONS, labels, prompt_style="official")
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  ours = adapt.label_probs(model, QUESTIONS, labels)
+  assert np.abs(ours - got).max() > 1e-2  # the wording is not ignored
+  with pytest.raises(ValueError, match="official dispatch prompt names the labels"):
+    adapt.label_probs(model, QUESTIONS, ["math", "code", "other"], prompt_style="official")
+  with pytest.raises(ValueError, match="unknown"):
+    classification_messages("q", labels, "mine")
 
 
 def test_calibrated_probs_divide_by_the_content_free_prior(model):
@@ -590,61 +608,6 @@ def test_cls_prompt_and_reward(registry):
 
 # ---------------------------------------------------------------------------------------------
 # The adaptation table (python -m t2jax.evaluate --config configs/adapt.py)
-
-
-def test_parse_experts_errors():
-  from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
-  assert adapt_eval.parse_experts("math=a, code=b") == {"math": "a", "code": "b"}
-  for bad, message in [("math", "not LABEL=DIR"), ("math=a,math=b", "repeated or reserved"),
-                       ("other=a", "repeated or reserved"), ("", "is empty")]:
-    with pytest.raises(ValueError, match=message):
-      adapt_eval.parse_experts(bad)
-
-
-def test_adapt_table_has_every_row(model, experts, tmp_path):
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-
-  from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
-  from t2jax.config_defaults import config_module  # pylint: disable=import-outside-toplevel
-
-  adapt_config = config_module(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                            "adapt.py"))
-  dirs = {}
-  for name, e in [*experts.items(), ("cls", _expert(model, 0.5, 3, "cls"))]:
-    dirs[name] = str(tmp_path / name)
-    e.save(dirs[name])
-  cfg = adapt_config.get_config()
-  cfg.model = model.source
-  cfg.experts = f"math={dirs['math']},code={dirs['code']}"
-  cfg.cls_expert = dirs["cls"]
-  cfg.tasks = "math,reasoning"  # reasoning has no expert: its right label is "other"
-  cfg.eval_size = 5
-  cfg.eval_batch_size = 4  # two chunks, the last one padded
-  cfg.max_new_tokens = {"math": 3, "reasoning": 3}
-  cfg.few_shot.update(shots=2, population=3, elites=1, iterations=1)
-  out = adapt_eval.run(cfg, str(tmp_path / "w"))
-  with open(tmp_path / "w" / "results.json") as f:
-    saved = json.load(f)
-  assert saved["rows"] == out["rows"]
-  assert set(saved["rows"]) == {"base", "expert:math", "expert:code", "oracle", "prompt",
-                                "cls_expert", "few_shot"}
-  for name, accs in saved["rows"].items():
-    assert set(accs) == {"math", "reasoning"} and all(0 <= a <= 1 for a in accs.values()), name
-  rows = saved["rows"]
-  assert rows["oracle"] == {"math": rows["expert:math"]["math"],
-                            "reasoning": rows["base"]["reasoning"]}
-  for strategy in ("prompt", "cls_expert"):
-    d = saved["dispatch"][strategy]
-    assert d["labels"] == ["math", "code", "other"]
-    assert all(sum(c.values()) == 5 for c in d["confusion"].values())
-    right = d["confusion"]["math"]["math"] + d["confusion"]["reasoning"]["other"]
-    assert d["accuracy"] == pytest.approx(right / 10)
-    assert set(saved["timing"][strategy]["math"]) == {"pass1_s", "pass2_s"}
-  assert saved["timing"]["warm_prompt"]["math"]["pass1_fraction"] > 0
-  assert os.path.isfile(tmp_path / "w" / "few_shot_alpha_math.json")
-  assert os.path.getsize(tmp_path / "w" / "results.png") > 1000
-  assert "| expert:code |" in (tmp_path / "w" / "results.md").read_text()
 
 
 def test_generate_cli_prints_each_prompts_mixture(model, experts, tmp_path, capsys):

@@ -159,7 +159,7 @@ def test_config_files_hold_their_command_and_every_key(name):
 
 def test_adapt_cot_suite_scores_math_as_math_cot_trains():
   train, adapt = _load_config("math_cot.py").get_config(), _load_config("adapt.py")
-  cot, direct = adapt.get_config("cot"), adapt.get_config()
+  cot, direct = adapt.get_config("cot"), adapt.get_config("own")
   assert cot.task_args.math.to_dict() == train.task_args.to_dict()
   assert cot.max_new_tokens.math == train.max_new_tokens
   assert direct.task_args.math.to_dict() == _load_config("math.py").get_config().task_args.to_dict()

@@ -19,6 +19,11 @@ _REGISTRY = {
 }
 
 
+def registered() -> list[str]:
+  """The task names make_task knows."""
+  return sorted(_REGISTRY)
+
+
 def make_task(name: str, args: Mapping[str, Any] | None = None) -> Task:
   """The task called `name` built with keyword `args` (a config's task_args)."""
   import dataclasses  # pylint: disable=import-outside-toplevel

@@ -39,10 +39,45 @@ ANSWER_PREFIX = "\\boxed{"
 _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 
 
-def classification_messages(question: str, labels: Sequence[str]) -> list[dict[str, str]]:
+# The official code's dispatch prompt (SakanaAI/self-adaptive-llms, utils.classify_samples),
+# word for word: a system turn, the question as the user turn, and a free-running reply read
+# for "\boxed{...}". Kept for the fidelity switch (configs/adapt.py: dispatch_prompt).
+OFFICIAL_LABELS = ("code", "math", "reasoning", OTHER)
+OFFICIAL_INSTRUCTION = """
+    # Analyze the given question and classify it into one of four categories: 'code', 'math', 'reasoning' or 'other'. Follow these guidelines:
+
+    1. Code: Questions asking for programming solutions, functions, algorithms. Often includes specific programming terms, language syntax, or data structures.
+    2. Math: Questions involving mathematical calculations, formulas, statistics. Often includes numbers, equations, or mathematical operations.
+    3. Reasoning: Questions requiring logical thinking, application of scientific knowledge, or critical analysis of information. Often presents statements that need evaluation based on general understanding. 
+    4. Other: Questions not clearly fit into above categories.
+
+    Instructions:
+    - Consider the primary focus, skills, and knowledge required to answer the question.
+    - If a question spans multiple categories, choose the most dominant one.
+    - Provide your final classification within \\boxed{} notation. Example: \\boxed{reasoning}
+
+    Format your response as follows:
+    Classification: \\boxed{category}
+    """
+# ours: the request and the question in one user turn; official: as above
+PROMPT_STYLES = ("ours", "official")
+
+
+def classification_messages(question: str, labels: Sequence[str],
+                            style: str = "ours") -> list[dict[str, str]]:
   """The chat turns that ask for the label of `question` (pass 1 of every two-pass strategy and
-  the cls task's prompt): the user's request, then the assistant turn prefilled with
-  ANSWER_PREFIX, which the model continues with `label}`."""
+  the cls task's prompt), ending in the assistant turn prefilled up to the label: ANSWER_PREFIX
+  (ours), or "Classification: \\boxed{" (official: the reply format its prompt asks for),
+  which the model continues with `label}`. Both are scored, never sampled, in pass 1."""
+  if style == "official":
+    if sorted(labels) != sorted(OFFICIAL_LABELS):
+      raise ValueError(f"the official dispatch prompt names the labels {list(OFFICIAL_LABELS)} "
+                       f"only; these experts give {list(labels)}. Use dispatch_prompt='ours'.")
+    return [{"role": "system", "content": OFFICIAL_INSTRUCTION},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "Classification: " + ANSWER_PREFIX}]
+  if style != "ours":
+    raise ValueError(f"dispatch prompt style {style!r} is unknown; use one of {PROMPT_STYLES}.")
   categories = "\n".join(f"- {lab}: {LABEL_DESCRIPTIONS.get(lab, lab)}" for lab in labels)
   text = CLASSIFY_INSTRUCTION.format(categories=categories, names=", ".join(labels),
                                      question=question)
@@ -96,10 +131,14 @@ class Classification:
                       f"{self.test_fraction} must be >= 0 and sum to < 1.")
     if self.per_source < 1:
       raise TaskError(f"cls per_source must be >= 1; got {self.per_source}.")
-    unknown = sorted(set(self.source_args) - set(parse_sources(self.sources)))
+    from t2jax.tasks import registered  # pylint: disable=import-outside-toplevel
+
+    # settings of a task that is not a source are unused (configs/cls.py names every expert's
+    # task, so --config.task_args.sources=math,code works); an unknown task name is a typo
+    unknown = sorted(set(self.source_args) - set(registered()))
     if unknown:
-      raise TaskError(f"cls source_args names {unknown}, which are not among the sources "
-                      f"{self.sources!r}.")
+      raise TaskError(f"cls source_args names {unknown}, which are not tasks; use some of "
+                      f"{registered()}.")
 
   @property
   def labels(self) -> list[str]:

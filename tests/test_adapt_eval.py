@@ -1,0 +1,252 @@
+"""The adaptation tables (adapt_eval.py) and the one-command reproduction (reproduce.py): cells
+hold each record's outcome and are reused on a rerun, intervals come from those outcomes, and
+reproduce trains only what is not trained yet."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import transformers
+
+import t2jax
+from t2jax import adapt, adapt_eval, reproduce, stats
+from t2jax.config_defaults import config_module
+from t2jax.tasks import make_task
+
+from conftest import randomize_
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model(chat_model_dir, tmp_path_factory):
+  cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
+  torch_model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
+  path = str(tmp_path_factory.mktemp("rand_chat_eval"))
+  torch_model.save_pretrained(path, safe_serialization=True)
+  transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
+  return t2jax.load_model(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+  """A target task whose outcome depends on every character generated (the sum of their code
+  points is even), so a random model's rows differ and the intervals have width."""
+  name: str = "parity"
+
+  def records(self, split):
+    return [{"question": f"{split} question {i}: say something."} for i in range(6)]
+
+  def messages(self, record):
+    return [{"role": "user", "content": record["question"]}]
+
+  def correct(self, record, completion):
+    return sum(map(ord, completion)) % 2 == 0
+
+  def reward(self, record, completion):
+    return float(self.correct(record, completion))
+
+  def reference(self, record):
+    return "ab"
+
+
+@pytest.fixture(autouse=True)
+def _parity_task(monkeypatch):
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+
+  from t2jax import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+
+  module = types.ModuleType("t2jax_test_parity")
+  module.Parity = Parity
+  monkeypatch.setitem(sys.modules, module.__name__, module)
+  monkeypatch.setitem(tasks_lib._REGISTRY, "parity", (module.__name__, "Parity"))
+
+
+def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:
+  base = t2jax.Expert.init(model, name=name)
+  rng = np.random.default_rng(seed)
+  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
+       for k, v in base.z.items()}
+  return dataclasses.replace(base, z=z)
+
+
+def test_parse_experts_and_tasks_errors():
+  assert adapt_eval.parse_experts("math=a, code=b") == {"math": "a", "code": "b"}
+  for bad in ("", "math", "math=a,math=b", "other=a", "=a"):
+    with pytest.raises(ValueError):
+      adapt_eval.parse_experts(bad)
+  assert adapt_eval.parse_tasks("math=math_word, code=humaneval,reasoning") == {
+      "math": "math_word", "code": "humaneval", "reasoning": "reasoning"}
+  for bad in ("", "math=a,math=b"):
+    with pytest.raises(ValueError):
+      adapt_eval.parse_tasks(bad)
+
+
+def test_target_config_holds_out_what_experts_and_classifier_trained_on():
+  adapt_cfg = config_module(os.path.join(CONFIGS, "adapt.py")).get_config()
+  reasoning = config_module(os.path.join(CONFIGS, "reasoning.py")).get_config()
+  cls_cfg = config_module(os.path.join(CONFIGS, "cls.py")).get_config()
+  tasks = adapt_eval.parse_tasks(adapt_cfg.tasks)
+  assert tasks == {"math": "math_word", "code": "humaneval", "reasoning": "reasoning"}
+  trained = set(reasoning.task_args.kinds.split(","))
+  held_out = set(adapt_cfg.task_args.reasoning.kinds.split(","))
+  assert trained and held_out and not trained & held_out
+  # the classifier reads reasoning prompts of the trained families only
+  assert cls_cfg.task_args.source_args.reasoning.kinds == reasoning.task_args.kinds
+  target = make_task("reasoning", adapt_cfg.task_args.reasoning.to_dict())
+  train = make_task("reasoning", reasoning.task_args.to_dict())
+  assert {r["kind"] for r in target.records("test")} == held_out
+  assert not {r["stem"] for r in target.records("test")} & {r["stem"] for r in
+                                                          train.records("train")}
+
+
+def _table_config(model, experts, cls_dir, **kw):
+  cfg = config_module(os.path.join(CONFIGS, "adapt.py")).get_config("own")
+  dirs = {}
+  for name, e in experts.items():
+    dirs[name] = e
+  cfg.model = model.source
+  cfg.experts = ",".join(f"{n}={d}" for n, d in dirs.items())
+  cfg.cls_expert = cls_dir
+  # parity: outcomes that differ between rows; reasoning has no expert ("other" is right)
+  cfg.tasks = "math=parity,reasoning"
+  cfg.task_args = {"math": {}, "reasoning": {}}
+  cfg.eval_size = 5
+  cfg.eval_batch_size = 4  # two chunks, the last one padded
+  cfg.max_new_tokens = {"math": 3, "reasoning": 3}
+  cfg.few_shot.update(shots=2, population=3, elites=1, iterations=2)
+  cfg.update(kw)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def expert_dirs(model, tmp_path_factory):
+  root = tmp_path_factory.mktemp("experts")
+  out = {}
+  for name, scale, seed in (("math", 0.8, 1), ("code", 0.8, 2), ("cls", 0.5, 3)):
+    out[name] = str(root / name)
+    _expert(model, scale, seed, name).save(out[name])
+  return out
+
+
+def test_table_cells_hold_outcomes_intervals_and_are_reused(model, expert_dirs, tmp_path,
+                                                           monkeypatch):
+  experts = {n: expert_dirs[n] for n in ("math", "code")}
+  cfg = _table_config(model, experts, expert_dirs["cls"])
+  work = str(tmp_path / "w")
+  out = adapt_eval.run(cfg, work)
+  saved = json.loads((tmp_path / "w" / "results.json").read_text())
+  target = saved["target"]
+  assert set(target["rows"]) == {"base", "expert:math", "expert:code", "prompt", "cls_expert",
+                                 "few_shot"}
+  assert target["rows"] == out["target"]["rows"]
+  # the base cell: each record's outcome, as a separate greedy generation scores it
+  suite = adapt_eval.make_suite("math", "parity", {}, 5, 3)
+  gen = t2jax.generate(model, suite.tokens(model), max_new_tokens=3)
+  cell = json.loads(open(os.path.join(work, "cells", "target__base__math.json")).read())
+  assert cell["outcomes"] == [float(suite.task.correct(r, t))
+                              for r, t in zip(suite.records, gen.texts)]
+  assert cell["texts"] == gen.texts
+  for row, cells in target["rows"].items():
+    for label, c in cells.items():
+      assert c["n"] == 5 and c["lo"] <= c["accuracy"] <= c["hi"], (row, label)
+  assert 0 < np.mean(cell["outcomes"]) < 1  # a signal: the interval has width
+  want = stats.bootstrap_ci(np.asarray(cell["outcomes"]), seed=0)
+  assert tuple(target["rows"]["base"]["math"][k] for k in ("accuracy", "lo", "hi")) == want
+  assert set(target["paired"]) >= {"prompt − base", "few_shot − base",
+                                    "few_shot − best single expert"}
+  for strategy in ("prompt", "cls_expert"):
+    d = target["dispatch"][strategy]
+    assert d["labels"] == ["math", "code", "other"]
+    assert all(sum(c.values()) == 5 for c in d["confusion"].values())
+  assert target["timing"]["warm_prompt"]["math"]["pass1_fraction"] > 0
+  assert len(target["few_shot"]["math"]["history"]) == 2
+  assert os.path.isfile(tmp_path / "w" / "few_shot_alpha_math.json")
+  assert os.path.getsize(tmp_path / "w" / "results.png") > 1000
+  assert "| expert:code |" in (tmp_path / "w" / "results.md").read_text()
+
+  # a rerun generates nothing: every cell is reused
+  def refuse(*a, **k):
+    raise AssertionError("a finished cell was recomputed")
+  with monkeypatch.context() as m:
+    m.setattr(adapt_eval, "generate", refuse)
+    m.setattr(adapt, "generate", refuse)
+    again = adapt_eval.run(cfg, work)
+  assert again["target"]["rows"] == out["target"]["rows"]
+  # a changed setting recomputes the cells it touches, and only those
+  before = {f: os.path.getmtime(os.path.join(work, "cells", f))
+            for f in os.listdir(os.path.join(work, "cells"))}
+  cfg.max_new_tokens.math = 2
+  adapt_eval.run(cfg, work)
+  changed = {f for f, t in before.items()
+             if os.path.getmtime(os.path.join(work, "cells", f)) != t}
+  assert changed and all("__math" in f for f in changed)
+  assert "target__base__math.json" in changed
+
+
+def test_training_config_overrides(tmp_path):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  spec = ml_collections.ConfigDict({"config": "reasoning.py",
+                                    "overrides": {"steps": 3, "task_args": {"test_size": 7}}})
+  cfg = reproduce.training_config(spec)
+  assert cfg.steps == 3 and cfg.task_args.test_size == 7 and cfg.task == "reasoning"
+  spec.overrides.no_such_key = 1
+  with pytest.raises(ValueError, match="no_such_key"):
+    reproduce.training_config(spec)
+  with pytest.raises(FileNotFoundError, match="no_such.py"):
+    reproduce.training_config(ml_collections.ConfigDict({"config": "no_such.py"}))
+
+
+def _tiny_run(chat_model_dir: str, task_args: dict, **overrides) -> dict:
+  return {"model": chat_model_dir, "steps": 2, "batch_size": 2, "samples_per_prompt": 2,
+          "max_new_tokens": 3, "temperature": 1.0, "eval_every": 0, "eval_size": 4,
+          "test_size": 4, "eval_batch_size": 4, "checkpoint_every": 1, "microbatches": 1,
+          "task_args": task_args, **overrides}
+
+
+def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_path,
+                                                           monkeypatch):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  cfg = config_module(os.path.join(CONFIGS, "paper_mini.py")).get_config()
+  cfg.model = chat_model_dir
+  cfg.train = ml_collections.ConfigDict({"math": {
+      "config": "math.py", "prior_step_s": 1.0, "prior_eval_s": 1.0,
+      "overrides": _tiny_run(chat_model_dir, {"level": 1, "system_prompt": "Add."})}})
+  cfg.cls = {"config": "cls.py", "prior_step_s": 1.0, "prior_eval_s": 1.0,
+             "overrides": _tiny_run(chat_model_dir, {"sources": "math", "per_source": 10},
+                                    max_new_tokens=2)}
+  cfg.tasks = "math=math"
+  cfg.task_args = {"math": {"level": 1, "system_prompt": "Add."}}
+  cfg.max_new_tokens = {"math": 3}
+  cfg.eval_size, cfg.eval_batch_size, cfg.own_size = 4, 4, 4
+  cfg.few_shot.update(shots=2, population=2, elites=1, iterations=1)
+  work = str(tmp_path / "paper")
+  first = reproduce.reproduce(cfg, work)
+  assert first["own"]["labels"] == ["math"] and set(first["own"]["rows"]) == {"base", "expert"}
+  assert set(first["target"]["rows"]) == {"base", "expert:math", "prompt", "cls_expert",
+                                          "few_shot"}
+  assert reproduce.is_trained(os.path.join(work, "experts", "math"))
+  assert reproduce.is_trained(os.path.join(work, "experts", "cls"))
+  assert set(first["training"]) == {"math", "cls"}
+
+  # rerun after losing one cell: nothing is trained again, only that cell is recomputed
+  def no_training(*a, **k):
+    raise AssertionError("a finished expert was trained again")
+  monkeypatch.setattr(subprocess, "run", no_training)
+  os.remove(os.path.join(work, "cells", "target__few_shot__math.json"))
+  second = reproduce.reproduce(cfg, work)
+  assert second["target"]["rows"] == first["target"]["rows"]
+  assert second["own"] == first["own"]
