@@ -23,7 +23,13 @@ def write_dir(path: str) -> Iterator[str]:
     if os.path.exists(path):
       old = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-")
       os.rename(path, os.path.join(old, base))
-    os.rename(tmp, path)
+    try:
+      os.rename(tmp, path)
+    except BaseException:
+      if old:  # put the previous one back: a failed write never hides what was saved
+        os.rename(os.path.join(old, base), path)
+        os.rmdir(old)
+      raise
     if old:
       shutil.rmtree(old)
   except BaseException:
