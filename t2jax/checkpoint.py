@@ -14,10 +14,21 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-# Config keys that change what the saved state means; any other key may change on resume
-# (e.g. more `steps`, another `eval_every`).
+# Config keys that change what the saved state means or the optimizer that continues it
+# (grad_clip adds a link to the optax chain; lr, schedule, warmup and weight decay change the
+# steps still to come); any other key may change on resume (e.g. another `eval_every`).
 COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "targets", "rank",
-                      "parametrisation", "max_mult", "optimizer", "batch_size", "seed")
+                      "parametrisation", "max_mult", "optimizer", "batch_size", "seed",
+                      "grad_clip", "lr", "schedule", "warmup_steps", "weight_decay")
+
+
+def _compared_keys(saved_config: dict) -> list[str]:
+  """COMPATIBILITY_KEYS, and `steps` when the saved schedule decays over them (a cosine or
+  linear horizon); with a constant schedule more steps simply train longer."""
+  keys = list(COMPATIBILITY_KEYS)
+  if saved_config.get("schedule", "constant") != "constant":
+    keys.append("steps")
+  return keys
 
 
 class CheckpointError(ValueError):
@@ -40,7 +51,8 @@ class Checkpoints:
       return
     saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     saved = saved["meta"]
-    diffs = [k for k in COMPATIBILITY_KEYS if saved["config"].get(k) != config.get(k)]
+    diffs = [k for k in _compared_keys(saved["config"])
+             if saved["config"].get(k) != config.get(k)]
     if saved["fingerprint"] != fingerprint:
       diffs.append("model weights (fingerprint)")
     if diffs:

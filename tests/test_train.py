@@ -73,6 +73,18 @@ def test_incompatible_workdir_is_refused_and_kept(chat_model_dir, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="parametrisation"):
     train(tiny_config(chat_model_dir, steps=4, parametrisation="paper"), workdir, progress=False)
   assert checkpoint.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step() == 2
+  # the optax chain (clipping) and the learning-rate schedule must continue as they were saved
+  with pytest.raises(checkpoint.CheckpointError, match=r"grad_clip.*saved 1.0, now 0"):
+    train(tiny_config(chat_model_dir, steps=4, grad_clip=0.0), workdir, progress=False)
+  with pytest.raises(checkpoint.CheckpointError, match="lr"):
+    train(tiny_config(chat_model_dir, steps=4, lr=0.5), workdir, progress=False)
+
+
+def test_a_decaying_schedule_keeps_its_horizon(chat_model_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train(tiny_config(chat_model_dir, steps=2, schedule="cosine"), workdir, progress=False)
+  with pytest.raises(checkpoint.CheckpointError, match=r"steps.*saved 2, now 4"):
+    train(tiny_config(chat_model_dir, steps=4, schedule="cosine"), workdir, progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chat_model_dir, tmp_path,
