@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import time
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -153,20 +154,35 @@ def calibrate(probs_BxL, content_free_NxL) -> np.ndarray:
 
 # Results that do not depend on the questions, per (model, expert, key): the content-free
 # rows' p(label) [N, L] (3 rows on top of a full batch of questions cost a whole second batch)
-# and the shared prefix's KV cache. The most recent are kept.
+# and the shared prefix's KV cache. The most recent are kept, and only while their model and
+# expert are alive: entries hold weak references, so dropping a model frees its caches too.
 _MEMO: list[tuple] = []
 _MEMO_KEPT = 8
 
 
+def _alive(ref) -> bool:
+  return ref is None or ref() is not None
+
+
+def _prune(_=None) -> None:
+  """Drops the entries whose model or expert is gone (called as each one dies)."""
+  _MEMO[:] = [m for m in _MEMO if _alive(m[0]) and _alive(m[1])]
+
+
+def _ref(obj):
+  """A weak reference to obj that prunes the memo when obj dies; None (base) stays None."""
+  return None if obj is None else weakref.ref(obj, _prune)
+
+
 def _memo_get(model, expert, key):
   for m, e, k, value in _MEMO:
-    if m is model and e is expert and k == key:
+    if m() is model and (e() if e is not None else None) is expert and k == key:
       return value
   return None
 
 
 def _memo_put(model, expert, key, value):
-  _MEMO.append((model, expert, key, value))
+  _MEMO.append((_ref(model), _ref(expert), key, value))
   del _MEMO[:-_MEMO_KEPT]
   return value
 

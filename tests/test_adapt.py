@@ -638,3 +638,20 @@ def test_generate_cli_prints_each_prompts_mixture(model, experts, tmp_path, caps
   assert shown.count("[prompt: ") == 3
   assert generate_cli.main(argv + ["--strategy", "cls_expert"]) == 2
   assert "--strategy cls_expert needs --cls-expert DIR" in capsys.readouterr().err
+
+
+def test_the_memo_lets_go_of_dropped_models_and_their_caches(model):
+  import gc  # pylint: disable=import-outside-toplevel
+  import weakref  # pylint: disable=import-outside-toplevel
+
+  twin = t2jax.load_model(model.source)  # a model the test owns, dropped below
+  e = t2jax.Expert.init(twin, name="dropped")
+  adapt.label_probs(twin, QUESTIONS, LABELS, calibrated=True)
+  adapt.label_probs(twin, QUESTIONS, LABELS, expert=e)
+  held = len(adapt._MEMO)  # pylint: disable=protected-access
+  assert held >= 3  # content-free rows, the base prefix, the expert's prefix
+  gone_model, gone_expert = weakref.ref(twin), weakref.ref(e)
+  del twin, e
+  gc.collect()
+  assert gone_model() is None and gone_expert() is None  # nothing in t2jax keeps them
+  assert len(adapt._MEMO) <= held - 3  # pylint: disable=protected-access
