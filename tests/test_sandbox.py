@@ -7,6 +7,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -268,3 +269,18 @@ def test_missing_bwrap_needs_explicit_unsafe():
   assert looped.timed_out and time.monotonic() - start < 4.0
   big = sandbox.run("x = bytearray(4 * 2**30)", timeout_s=5, unsafe=True, memory_mb=256)
   assert not big.passed and "MemoryError" in big.stderr  # rlimits still apply
+
+
+@needs_bwrap
+def test_an_interpreter_installed_under_tmp_runs(tmp_path):
+  # CI runners and tox make their virtualenvs under /tmp; the sandbox's own /tmp must not
+  # hide that interpreter ("bwrap: execvp …/venv/bin/python: No such file or directory")
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                  str(venv)], check=True, timeout=120)
+  code = ("from t2jax.tasks import sandbox; "
+          "r = sandbox.run('import sys; print(6 * 7, sys.prefix)', timeout_s=20); "
+          "print(r.returncode, r.stdout.strip(), r.stderr.strip()[-200:])")
+  out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
+                       text=True, timeout=120, cwd=REPO, check=True)
+  assert out.stdout.split()[:3] == ["0", "42", str(venv)], out.stdout + out.stderr

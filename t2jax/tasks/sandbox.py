@@ -194,16 +194,18 @@ def _bwrap_argv(bwrap: str, src_fd: int, as_root: bool, prelude: str) -> list[st
       argv += ["--symlink", os.readlink(d), d]
     elif os.path.isdir(d):
       argv += ["--ro-bind", d, d]
+  # bwrap < 0.7 has no --size: its tmpfs may then grow to half the RAM (files <= FILE_SIZE_CAP)
+  size = (lambda n: ["--size", str(n)]) if _has_size_option(bwrap) else (lambda n: [])
+  # the private /tmp first: an interpreter installed under /tmp (a CI or tox virtualenv) is
+  # then bound on top of it, not hidden beneath it
+  argv += [*size(TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", WORK]
   for d in _python_dirs():
     # bwrap would copy the modes of the parents (/root is 0700), hiding the install from uid
     parts = d.strip("/").split("/")
     for i in range(1, len(parts)):
       argv += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
     argv += ["--ro-bind", d, d]
-  # bwrap < 0.7 has no --size: its tmpfs may then grow to half the RAM (files <= FILE_SIZE_CAP)
-  size = (lambda n: ["--size", str(n)]) if _has_size_option(bwrap) else (lambda n: [])
   argv += ["--proc", "/proc", "--dev", "/dev",
-           *size(TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", WORK,
            "--file", str(src_fd), WORK + "/main.py",
            *size(1 << 20), "--tmpfs", "/dev/shm",
            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORK,
