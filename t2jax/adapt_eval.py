@@ -540,6 +540,26 @@ def setup(cfg, workdir: str, log: Callable[[str], None]) -> tuple[Context, list[
   return ctx, strategies
 
 
+def check_can_score(suites: Sequence[Suite]) -> None:
+  """Refuses at the start, in one line, when a code suite's programs could not run (no
+  usable sandbox): otherwise every code cell would score 0 after hours of generation."""
+  from t2jax.tasks import sandbox  # pylint: disable=import-outside-toplevel
+
+  for s in suites:
+    if not hasattr(s.task, "program"):
+      continue
+    unsafe = bool(getattr(s.task, "unsafe_sandbox", False))
+    try:
+      r = sandbox.run("print(6 * 7)", timeout_s=30.0, unsafe=unsafe)
+    except sandbox.SandboxUnavailable as e:
+      raise ValueError(f"task {s.task_name!r} scores programs, but {e}") from None
+    if r.returncode != 0 or r.stdout.strip() != "42":
+      why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+      raise ValueError(f"task {s.task_name!r} scores programs, but the code sandbox cannot run "
+                       f"Python here ({why}); fix it (python -m pytest tests/test_sandbox.py) "
+                       "before evaluating.")
+
+
 def target_suites(cfg) -> list[Suite]:
   suites = []
   for label, task in parse_tasks(cfg.tasks).items():
@@ -574,6 +594,7 @@ def run(cfg, workdir: str, own_suites: Sequence[Suite] = (), *, ctx: Context | N
   else:
     strategies = [s.strip() for s in cfg.strategies.split(",") if s.strip()]
   suites = target_suites(cfg)
+  check_can_score([*own_suites, *suites])
   result = {"own": own_task_table(ctx, own_suites) if own_suites else None,
             "target": target_table(ctx, suites, strategies, cfg, workdir),
             "experts": parse_experts(cfg.experts), "cls_expert": cfg.cls_expert or None,

@@ -250,3 +250,22 @@ def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_
   second = reproduce.reproduce(cfg, work)
   assert second["target"]["rows"] == first["target"]["rows"]
   assert second["own"] == first["own"]
+
+
+def test_an_unusable_sandbox_is_refused_before_any_generation(model, expert_dirs, tmp_path,
+                                                              monkeypatch):
+  from t2jax.tasks import sandbox  # pylint: disable=import-outside-toplevel
+
+  cfg = _table_config(model, {"math": expert_dirs["math"]}, "")
+  cfg.tasks, cfg.task_args, cfg.max_new_tokens = "code", {"code": {}}, {"code": 3}
+  broken = sandbox.Result(timed_out=False, returncode=1, stdout="",
+                          stderr="bwrap: execvp /tmp/venv/bin/python: No such file or directory",
+                          seconds=0.1, isolated=True, passed=False)
+  monkeypatch.setattr(sandbox, "run", lambda *a, **k: broken)
+
+  def refuse(*a, **k):
+    raise AssertionError("generated before checking the sandbox")
+  monkeypatch.setattr(adapt_eval, "generate", refuse)
+  with pytest.raises(ValueError, match=r"'code' scores programs.*execvp"):
+    adapt_eval.run(cfg, str(tmp_path / "w"))
+  assert not os.listdir(tmp_path / "w" / "cells")
