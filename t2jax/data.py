@@ -12,9 +12,10 @@ from typing import Any
 import grain
 import numpy as np
 
-# Settings that fix the index stream; a saved state is only valid for a loader that agrees on
-# all of them. process_index is not one: every process is at the same step.
-_SETTINGS = ("num_records", "global_batch", "seed", "process_count", "shuffle")
+# Settings that fix the global index stream; a saved state is only valid for a loader that
+# agrees on all of them. process_index and process_count are not: every process computes the
+# same global batches and keeps its share, so a run saved on N processes resumes on M.
+_SETTINGS = ("num_records", "global_batch", "seed", "shuffle")
 
 
 class _EpochShuffled(grain.MapDataset):
@@ -129,7 +130,7 @@ class RecordLoader:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state: grain's iterator state plus the settings it is valid for."""
-    return {"grain": dict(self._it.get_state()),
+    return {"grain": dict(self._it.get_state()), "process_count": self.process_count,
             **{name: getattr(self, name) for name in _SETTINGS}}
 
   def set_state(self, state: dict[str, Any]) -> None:

@@ -111,8 +111,25 @@ def test_state_from_other_process_index_is_accepted():
   assert b.epoch == a.epoch
 
 
+@pytest.mark.parametrize("process_count", [1, 4])
+def test_state_resumes_on_another_process_count(process_count):
+  """Saved by 2 processes, resumed by 1 or 4: the same global batches continue."""
+  kw = dict(global_batch=4, seed=2)
+  saved = RecordLoader(11, process_index=0, process_count=2, **kw)
+  take(saved, 3)
+  state = saved.get_state()
+  want = take(RecordLoader(11, **kw), 5)[3:]  # one process, uninterrupted: batches 4 and 5
+  shares = []
+  for p in range(process_count):
+    loader = RecordLoader(11, process_index=p, process_count=process_count, **kw)
+    loader.set_state(state)
+    shares.append(take(loader, 2))
+  for k in range(2):
+    np.testing.assert_array_equal(np.concatenate([s[k] for s in shares]), want[k])
+
+
 @pytest.mark.parametrize("name,value", [("num_records", 12), ("global_batch", 6), ("seed", 3),
-                                        ("process_count", 1), ("shuffle", False)])
+                                        ("shuffle", False)])
 def test_state_from_other_settings_raises(name, value):
   kw = dict(num_records=11, global_batch=4, seed=2, process_count=2, shuffle=True)
   state = RecordLoader(**kw).get_state()
