@@ -170,7 +170,8 @@ def test_table_cells_hold_outcomes_intervals_and_are_reused(model, expert_dirs, 
     d = target["dispatch"][strategy]
     assert d["labels"] == ["math", "code", "other"]
     assert all(sum(c.values()) == 5 for c in d["confusion"].values())
-  assert target["timing"]["warm_prompt"]["math"]["pass1_fraction"] > 0
+  warm = target["timing"]["warm_prompt"]["math"]
+  assert warm["rows"] == 4 and warm["pass1_fraction"] == warm["pass1_s"] / warm["pass2_s"]
   assert len(target["few_shot"]["math"]["history"]) == 2
   assert os.path.isfile(tmp_path / "w" / "few_shot_alpha_math.json")
   assert os.path.getsize(tmp_path / "w" / "results.png") > 1000
