@@ -207,6 +207,7 @@ def test_prefilled_answer_and_references(tmp_path):
     assert task.reference(rec) == f"{rec['answer']})."
     assert task.reward(rec, task.reference(rec)) == 1.0
     assert task.correct(rec, f"{rec['answer']}) because it fits.")
+    assert task.correct(rec, rec["answer"])  # one new token: the letter alone
     wrong = "ABCD"[("ABCD".index(rec["answer"]) + 1) % 4]
     assert not task.correct(rec, f"{wrong}).")
     assert not task.correct(rec, "X).")  # a placeholder names no option
