@@ -53,13 +53,14 @@ import re
 import sys
 import time
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from t2jax import rl, run_setup, sampling, sharding, svf, trainer
-from t2jax.models import presets
+from t2jax.models import llama, presets
 from t2jax.models.config import ModelConfig
 from t2jax.weights import layout
 
@@ -427,10 +428,11 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
                                eos_ids=model_cfg.eos_token_ids)
     while_sampling = sum(resident.values())
     key = jax.eval_shape(lambda: jax.random.key(0))
-    pre_args = (adapted, i32(n, p), mask(n, p), i32(n),
+    graphdef, model_state = nnx.split(llama.Llama.from_params(model_cfg, adapted))
+    pre_args = (model_state, i32(n, p), mask(n, p), i32(n),
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), None)
-    pre_kw = dict(cfg=model_cfg, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
+                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    pre_kw = dict(graphdef=graphdef, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
                   mesh=mesh)
     report, compiled = compile_program(
         "prefill", f"{n} rows × {p} prompt tokens, cache {shapes.cache_len}", sampling.prefill,
@@ -440,7 +442,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
       decode_state = _abstract_outputs(compiled, sampling.prefill, *pre_args, **pre_kw)
       out.append(compile_program(
           "decode", f"{n} rows × {c} new tokens", sampling.decode,
-          (adapted, decode_state, None), dict(cfg=model_cfg, sampler=sampler, prompt_len=p),
+          (model_state, decode_state), dict(graphdef=graphdef, sampler=sampler, prompt_len=p),
           other_live=while_sampling)[0])
     return out
 
