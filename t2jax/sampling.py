@@ -128,7 +128,7 @@ def prefill(state: nnx.State, tokens_BxT, mask_BxT, limit_B, min_new, rng, *,
   """Runs the prompts of the model nnx.merge(graphdef, state) and picks the first token."""
   model = nnx.merge(graphdef, state)
   b, t = tokens_BxT.shape
-  cache = llama.KVCache.zeros(model.cfg, b, cache_len, model.dtype)
+  cache = model.empty_cache(b, cache_len)
   if mesh is not None:  # placed by the partition rules; decode's loop keeps the placement
     cache = jax.lax.with_sharding_constraint(
         cache, sharding.tree_shardings({"cache": cache}, mesh)["cache"])

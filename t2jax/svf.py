@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
 
 import flax.nnx as nnx
 import flax.struct
@@ -239,24 +238,25 @@ class SVFLinear(nnx.Module):
     self.v, self.s = llama.Frozen(f["v"]), llama.Frozen(f["s"])
     self.ut, self.s_total = llama.Frozen(f["ut"]), llama.Frozen(f["s_total"])
     self.z = nnx.Param(z)
-    self.rows_on = llama.Frozen(rows_on) if rows_on is not None else None
+    self.rows_on = llama.Shared(rows_on) if rows_on is not None else None
     self.parametrisation, self.max_mult, self.mode = parametrisation, max_mult, mode
 
   def scaled(self) -> tuple[jax.Array, jax.Array]:
     """sz = c·s·f(z) [..., r] and c [...] (z's leading axes), factors never differentiated."""
     s, s_total = jax.lax.stop_gradient(self.s[...]), jax.lax.stop_gradient(self.s_total[...])
     z = self.z[...]
-    if z.ndim == 2:
+    if s_total.ndim < z.ndim - 1:  # a z per batch row ([B, r]) of one layer's matrix
       s_total = s_total[None]
     return scaled_singular_values(z, s, s_total, self.parametrisation, self.max_mult)
 
   def adapted_kernel(self) -> jax.Array:
-    """K' for a z of shape [r] (differentiable in z only)."""
+    """K' for a z of shape [r], or [L, r] with every factor stacked over layers likewise
+    (a scanned model); differentiable in z only."""
     kernel = jax.lax.stop_gradient(self.kernel[...])
     v, s, ut = (jax.lax.stop_gradient(x[...]) for x in (self.v, self.s, self.ut))
     sz, c = self.scaled()
-    update = (v * (sz - c * s)) @ ut
-    return (c * kernel + update).astype(kernel.dtype)
+    update = (v * (sz - c[..., None] * s)[..., None, :]) @ ut
+    return (c[..., None, None] * kernel + update).astype(kernel.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "materialised":
@@ -299,12 +299,18 @@ def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = 
   if factors is None:
     if rank is not None and rank < 1:
       raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
-    params = llama.to_params(model)
+    params = llama.unstack_layers(llama.to_params(model))
     factors = jax.tree.map(jnp.asarray, _compute_factors(
         params, target_modules(params, targets or DEFAULT_TARGETS), rank, progress=False))
-  if len(factors) != len(model.layers):
-    raise SVFError(f"factors cover {len(factors)} layers; the model has {len(model.layers)}.")
-  for i, (layer, f_layer) in enumerate(zip(model.layers, factors)):
+    factors = stack_layers(factors) if model.scanned else factors
+  if model.scanned != llama.is_stacked(factors):
+    raise SVFError("a scanned model needs factors stacked over layers (svf.stack_layers), an "
+                   "unrolled one a list per layer.")
+  layers = _per_layer(model.layers if model.scanned else list(model.layers))
+  if len(_per_layer(factors)) != len(layers):
+    raise SVFError(f"factors cover {len(factors)} layers; the model has {len(layers)}.")
+  z_layers = _per_layer(z) if z is not None else None
+  for i, (layer, f_layer) in enumerate(zip(layers, _per_layer(factors))):
     for block, names in f_layer.items():
       parent = getattr(layer, block)
       for name, f in names.items():
@@ -312,16 +318,42 @@ def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = 
         if not isinstance(base, llama.Linear):
           raise SVFError(f"layers/{i}/{block}/{name} is a {type(base).__name__}, not a plain "
                          "Linear: SVF is applied once, to the base model.")
-        z_m = (z[i][block][name] if z is not None else
+        z_m = (z_layers[i][block][name] if z is not None else
                jnp.asarray(init_z(np.shape(f["s"]), parametrisation, np.random.default_rng(0))))
         setattr(parent, name, SVFLinear(base, f, z_m, parametrisation=parametrisation,
                                         max_mult=max_mult, mode=mode, rows_on=rows_on))
   return model
 
 
+def _per_layer(tree) -> list:
+  """A per-layer list (params["layers"], factors, z) as a list; a stacked tree as a list of
+  one whose leaves carry the layer axis."""
+  return [tree] if llama.is_stacked(tree) else list(tree)
+
+
+def _like(like, items: list):
+  return items[0] if llama.is_stacked(like) else items
+
+
+def stack_layers(tree: list):
+  """Per-layer factors or z ([layer]{block: {name: ...}}) stacked over a leading layer axis,
+  for a scanned model; unchanged if stacked already."""
+  if llama.is_stacked(tree):
+    return tree
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *tree)
+
+
+def unstack_layers(tree) -> list:
+  if not llama.is_stacked(tree):
+    return list(tree)
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
 def svf_modules(model: llama.Llama):
-  """(layer, block, name, parent, SVFLinear) of every swapped projection, in layer order."""
-  for i, layer in enumerate(model.layers):
+  """(layer, block, name, parent, SVFLinear) of every swapped projection, in layer order
+  (a scanned model: one entry per matrix, layer 0, its variables stacked over layers)."""
+  for i, layer in enumerate(_per_layer(model.layers if model.scanned else list(model.layers))):
     for block, names in (("self_attn", llama.ATTN_PROJ), ("mlp", llama.MLP_PROJ)):
       parent = getattr(layer, block)
       for name in names:
@@ -341,20 +373,23 @@ def merged(model: llama.Llama) -> llama.Llama:
 
 def z_tree(model: llama.Llama) -> list:
   """The z of an SVF model as [layer]{block: {name: z}} (the layout of Expert.z_tree)."""
-  tree: list = [{} for _ in model.layers]
+  tree: list = [{} for _ in range(1 if model.scanned else len(model.layers))]
   for i, block, name, _, m in svf_modules(model):
     tree[i].setdefault(block, {})[name] = m.z[...]
-  return tree
+  return unstack_layers(tree[0]) if model.scanned else tree
 
 
 def hf_z(z_state) -> dict:
   """nnx.state(model, nnx.Param) of an SVF model → {HF parameter name: z}, Expert.z's keys."""
   out = {}
   for path, leaf in nnx.to_flat_state(z_state):
-    layers, layer, block, name, var = path
-    if layers != "layers" or var != "z":
+    if path[0] != "layers" or path[-1] != "z" or len(path) not in (4, 5):
       raise SVFError(f"{'/'.join(map(str, path))} is not an SVF z.")
-    out[hf_module_name(block, name, int(layer))] = leaf[...]
+    if len(path) == 5:  # layers/<i>/<block>/<name>/z
+      out[hf_module_name(path[2], path[3], int(path[1]))] = leaf[...]
+    else:  # a scanned model: layers/<block>/<name>/z, [L, r]
+      for i, z in enumerate(leaf[...]):
+        out[hf_module_name(path[1], path[2], i)] = z
   return out
 
 
@@ -364,31 +399,33 @@ def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: s
   [r]), each computed by the SVFLinear `apply` would swap in. Pure and differentiable in z;
   params and factors are never differentiated."""
   kernels = []
-  for p_layer, f_layer, z_layer in zip(params["layers"], factors, z_tree):
+  for p_layer, f_layer, z_layer in zip(_per_layer(params["layers"]), _per_layer(factors),
+                                       _per_layer(z_tree)):
     kernels.append({block: {name: SVFLinear(
         llama.Linear(p_layer[block][name]["kernel"]), f, z_layer[block][name],
         parametrisation=parametrisation, max_mult=max_mult, mode="materialised",
     ).adapted_kernel() for name, f in names.items()} for block, names in f_layer.items()})
-  return with_kernels(params, kernels)
+  return with_kernels(params, _like(params["layers"], kernels))
 
 
 def targeted_kernels(params: dict, factors: list) -> list:
   """The kernels SVF rescales, [layer][block][name] like the factors."""
-  return [{block: {name: p_layer[block][name]["kernel"] for name in names}
-           for block, names in f_layer.items()}
-          for p_layer, f_layer in zip(params["layers"], factors)]
+  return _like(params["layers"], [
+      {block: {name: p_layer[block][name]["kernel"] for name in names}
+       for block, names in f_layer.items()}
+      for p_layer, f_layer in zip(_per_layer(params["layers"]), _per_layer(factors))])
 
 
 def with_kernels(params: dict, kernels: list) -> dict:
   """Params with the targeted kernels replaced (the inverse of targeted_kernels)."""
   layers = []
-  for p_layer, k_layer in zip(params["layers"], kernels):
+  for p_layer, k_layer in zip(_per_layer(params["layers"]), _per_layer(kernels)):
     p_layer = dict(p_layer)
     for block, names in k_layer.items():
       p_layer[block] = {**p_layer[block], **{
           name: {**p_layer[block][name], "kernel": k} for name, k in names.items()}}
     layers.append(p_layer)
-  return {**params, "layers": layers}
+  return {**params, "layers": _like(params["layers"], layers)}
 
 
 # Jitted once here: the entry points (expert binding, rollouts, evaluation) share its compile cache.

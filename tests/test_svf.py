@@ -387,3 +387,48 @@ def test_per_row_z_rows_equal_each_row_alone(loaded):
   for i, e in enumerate(rows):
     alone = np.asarray(model.logits(ids[i:i + 1], e, svf_mode="materialised"))[0]
     assert np.abs(got[i] - alone).max() <= 1e-4, i
+
+
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_z_gradients_equal_unrolled(loaded, parametrisation, remat):
+  """The RL loss through W'(z) gives the same value and z gradient with layers stacked under
+  lax.scan as unrolled, remat or not; factored rows on a scanned SVF module likewise."""
+  from t2jax import rl  # pylint: disable=import-outside-toplevel
+
+  model, _ = loaded("llama_3_layers")
+  e = _perturbed(t2jax.Expert.init(model, targets=ALL_PROJ, rank=5,
+                                   parametrisation=parametrisation), scale=0.1)
+  dec = svf.decompose(model, e.targets, e.rank)
+  rng = np.random.default_rng(0)
+  b, g, p, c = 2, 2, 5, 4
+  batch = rl.Rollouts(prompt_BxP=rng.integers(2, 200, (b, p)).astype(np.int32),
+                      prompt_mask_BxP=np.ones((b, p), bool),
+                      completion_NxC=rng.integers(2, 200, (b * g, c)).astype(np.int32),
+                      completion_mask_NxC=np.ones((b * g, c), bool),
+                      reward_N=np.asarray([1.0, -1.0, -1.0, 1.0], np.float32))
+  settings = rl.RLSettings(parametrisation=parametrisation, max_mult=e.max_mult, remat=remat)
+  grad = jax.jit(jax.grad(lambda z, params, factors: rl.loss_fn(
+      z, params, factors, batch, cfg=model.config, settings=settings)[0]))
+  z = jax.tree.map(jnp.asarray, e.z_tree(model))
+  want = grad(z, model.params, dec.factors)
+  got = grad(svf.stack_layers(z), llama.stack_layers(model.params),
+             svf.stack_layers(dec.factors))
+  for a, b_ in zip(jax.tree.leaves(svf.unstack_layers(got)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b_, rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(b_).max())))
+  # factored rows on a scanned SVF module
+  ids = _ids(model)
+  rows = [e, None, e]
+  z_rows = jax.tree.map(lambda *r: jnp.asarray(np.stack(r)), *[e.z_tree(model)] * 3)
+  on = jnp.asarray([x is not None for x in rows])
+  outs = []
+  for stack in (False, True):
+    m = llama.Llama.from_params(model.config, llama.stack_layers(model.params) if stack
+                                else model.params)
+    svf.apply(m, factors=svf.stack_layers(dec.factors) if stack else dec.factors,
+              z=svf.stack_layers(z_rows) if stack else z_rows, rows_on=on, mode="factored",
+              parametrisation=parametrisation, max_mult=e.max_mult)
+    outs.append(np.asarray(jax.jit(llama.model_logits)(m, ids, jnp.ones(ids.shape, bool))))
+    if stack:  # the Param state of a scanned model still names every matrix of every layer
+      assert set(svf.hf_z(nnx.state(m, nnx.Param))) == set(e.z)
+  np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)

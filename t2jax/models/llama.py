@@ -21,10 +21,12 @@ module above has its one variable (`embed_tokens` [V, D], `norm` [D], `lm_head` 
 arrays (no copy) and `to_params` gives the dict back; `forward` and `lm_head` are the thin
 functional entry points over the modules.
 
-Why not layers stacked on a leading axis under `lax.scan`: on the CPU backend XLA copies each
-layer's dynamic slice of a stacked weight before the matmul, which measured 25 % of a decode
-step (bench/ and the closing note of the SVF issue); the unrolled loop over separate buffers
-reads every weight once, and the default model still compiles in seconds.
+Layers unrolled or scanned (`scan_enabled`, config.scan_layers): on the CPU backend XLA copies
+each layer's dynamic slice of a stacked weight before the matmul, which measured 25 % of a
+decode step (bench/ and the closing note of the SVF issue), so there the layers stay separate
+buffers in a Python loop; on TPU/GPU `stack_layers` puts every weight on a leading layer axis
+and one layer's program runs under `lax.scan`, so compile time and program size do not grow
+with depth. The KV cache follows: a list of per-layer arrays, or one [L, ...] array.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class Frozen(nnx.Variable):
   """A base weight (or an SVD factor): a constant input of the programs, never trained."""
 
 
+class Shared(Frozen):
+  """A frozen input every layer of a scanned model reads whole, not sliced per layer (the
+  per-row flags of factored SVF)."""
+
+
 @flax.struct.dataclass
 class KVCache:
   """Per layer keys [B, KVH, K, S] and values [B, KVH, S, K]: (batch, kv-head) lead so
@@ -60,25 +67,33 @@ class KVCache:
   v: list[jnp.ndarray]  # [B, KVH, S, K] per layer
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    kd, g = cfg.head_dim, cfg.num_kv_heads
-    return cls(k=[jnp.zeros((batch, g, kd, length), dtype) for _ in range(cfg.num_layers)],
-               v=[jnp.zeros((batch, g, length, kd), dtype) for _ in range(cfg.num_layers)])
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype,
+            stacked: bool = False) -> "KVCache":
+    """Empty cache; `stacked`: one [L, ...] array each for keys and values (scanned layers)."""
+    kd, g, n = cfg.head_dim, cfg.num_kv_heads, cfg.num_layers
+    if stacked:
+      return cls(k=jnp.zeros((n, batch, g, kd, length), dtype),
+                 v=jnp.zeros((n, batch, g, length, kd), dtype))
+    return cls(k=[jnp.zeros((batch, g, kd, length), dtype) for _ in range(n)],
+               v=[jnp.zeros((batch, g, length, kd), dtype) for _ in range(n)])
 
   @property
   def slots(self) -> int:
-    return self.v[0].shape[2]
+    return self.v[0].shape[-2]
 
   def grow(self, batch: int, slots: int) -> "KVCache":
     """A batch-1 cache broadcast to `batch` rows, with empty slots appended up to `slots`."""
     pad = slots - self.slots
-    return KVCache(
-        k=[jnp.pad(jnp.broadcast_to(x, (batch, *x.shape[1:])), ((0, 0),) * 3 + ((0, pad),))
-           for x in self.k],
-        v=[jnp.pad(jnp.broadcast_to(x, (batch, *x.shape[1:])),
-                   ((0, 0), (0, 0), (0, pad), (0, 0))) for x in self.v])
 
+    def grown(x, slot_axis):  # [..., B, KVH, ·, ·]
+      x = jnp.broadcast_to(x, (*x.shape[:-4], batch, *x.shape[-3:]))
+      widths = [(0, 0)] * x.ndim
+      widths[slot_axis] = (0, pad)
+      return jnp.pad(x, widths)
 
+    if isinstance(self.k, list):
+      return KVCache(k=[grown(x, -1) for x in self.k], v=[grown(x, -2) for x in self.v])
+    return KVCache(k=grown(self.k, -1), v=grown(self.v, -2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,32 +209,41 @@ def _call_layer(layer: DecoderLayer, *args):
 
 
 class Llama(nnx.Module):
-  def __init__(self, cfg: ModelConfig, embed_tokens: Embed, layers: list[DecoderLayer],
-               norm: RMSNorm, lm_head: Linear | None):
+  """layers: a list of DecoderLayer (unrolled), or one DecoderLayer whose weights are stacked
+  on a leading layer axis, run under lax.scan (see `scan_enabled`)."""
+
+  def __init__(self, cfg: ModelConfig, embed_tokens: Embed,
+               layers: list[DecoderLayer] | DecoderLayer, norm: RMSNorm, lm_head: Linear | None):
     self.cfg = cfg
     self.embed_tokens = embed_tokens
-    self.layers = nnx.List(layers)
+    self.scanned = isinstance(layers, DecoderLayer)
+    self.layers = layers if self.scanned else nnx.List(layers)
     self.norm = norm
     self.lm_head = lm_head
 
   @classmethod
   def from_params(cls, cfg: ModelConfig, params: dict) -> "Llama":
-    """The modules over a params dict's arrays (no copy); leaves may be ShapeDtypeStructs."""
+    """The modules over a params dict's arrays (no copy); leaves may be ShapeDtypeStructs.
+    params["layers"]: a list of per-layer dicts, or one dict of stacked [L, ...] leaves
+    (`stack_layers`) for a scanned model."""
     linear = lambda p: Linear(p["kernel"], p.get("bias"))
     eps = cfg.rms_norm_eps
-    layers = [
-        DecoderLayer(
-            RMSNorm(p["input_layernorm"], eps),
-            Attention(cfg, *(linear(p["self_attn"][n]) for n in ATTN_PROJ)),
-            RMSNorm(p["post_attention_layernorm"], eps),
-            MLP(*(linear(p["mlp"][n]) for n in MLP_PROJ)))
-        for p in params["layers"]]
+    layer = lambda p: DecoderLayer(
+        RMSNorm(p["input_layernorm"], eps),
+        Attention(cfg, *(linear(p["self_attn"][n]) for n in ATTN_PROJ)),
+        RMSNorm(p["post_attention_layernorm"], eps),
+        MLP(*(linear(p["mlp"][n]) for n in MLP_PROJ)))
+    stacked = is_stacked(params["layers"])
+    layers = layer(params["layers"]) if stacked else [layer(p) for p in params["layers"]]
     head = Linear(params["lm_head"]) if "lm_head" in params else None
     return cls(cfg, Embed(params["embed_tokens"]), layers, RMSNorm(params["norm"], eps), head)
 
   @property
   def dtype(self):
     return self.embed_tokens.embedding.dtype
+
+  def empty_cache(self, batch: int, length: int) -> KVCache:
+    return KVCache.zeros(self.cfg, batch, length, self.dtype, stacked=self.scanned)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, write_index, key_valid_BxS, *,
                visible_BxTxS=None, remat: bool = False) -> tuple[jax.Array, KVCache]:
@@ -231,12 +255,25 @@ class Llama(nnx.Module):
       query_slot_T = write_index + jnp.arange(t)
       visible_BxTxS = ((jnp.arange(s)[None, :] <= query_slot_T[:, None])[None]
                        & key_valid_BxS[:, None])
+    rest = (positions_BxT, write_index, visible_BxTxS)
+    if self.scanned:
+      graphdef, shared, stacked = nnx.split(self.layers, Shared, ...)
+
+      def body(x, xs):  # one layer: its slice of the stacked state and of the cache
+        layer_state, k_cache, v_cache = xs
+        x = sharding.constrain_rows(x)
+        layer = nnx.merge(graphdef, shared, layer_state)
+        x, k_cache, v_cache = layer(x, k_cache, v_cache, *rest)
+        return x, (k_cache, v_cache)
+
+      body = jax.checkpoint(body) if remat else body
+      x, (k_out, v_out) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+      return self.norm(x), KVCache(k=k_out, v=v_out)
     call = nnx.remat(_call_layer) if remat else _call_layer
     k_out, v_out = [], []
     for i, layer in enumerate(self.layers):
       x = sharding.constrain_rows(x)  # the saved (remat) input of each layer, rows split
-      x, k_cache, v_cache = call(layer, x, cache.k[i], cache.v[i], positions_BxT, write_index,
-                                 visible_BxTxS)
+      x, k_cache, v_cache = call(layer, x, cache.k[i], cache.v[i], *rest)
       k_out.append(k_cache)
       v_out.append(v_cache)
     return self.norm(x), KVCache(k=k_out, v=v_out)
@@ -258,12 +295,51 @@ def to_params(model: Llama) -> dict:
              "self_attn": {n: linear(getattr(layer.self_attn, n)) for n in ATTN_PROJ},
              "post_attention_layernorm": layer.post_attention_layernorm.weight[...],
              "mlp": {n: linear(getattr(layer.mlp, n)) for n in MLP_PROJ}}
-            for layer in model.layers]
-  params = {"embed_tokens": model.embed_tokens.embedding[...], "layers": layers,
+            for layer in ([model.layers] if model.scanned else model.layers)]
+  params = {"embed_tokens": model.embed_tokens.embedding[...],
+            "layers": layers[0] if model.scanned else layers,
             "norm": model.norm.weight[...]}
   if model.lm_head is not None:
     params["lm_head"] = model.lm_head.kernel[...]
   return params
+
+
+def is_stacked(layers) -> bool:
+  """A "layers" entry (of params, SVD factors or z) stacked for scanning: one tree of
+  [L, ...] leaves instead of a list with one tree per layer."""
+  return not isinstance(layers, (list, tuple))
+
+
+def stack_layers(params: dict) -> dict:
+  """params with the per-layer list stacked into one tree of [L, ...] leaves (a copy)."""
+  if is_stacked(params["layers"]):
+    return params
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of stack_layers."""
+  layers = params["layers"]
+  if not is_stacked(layers):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]}
+
+
+SCAN_SETTINGS = ("auto", True, False)
+
+
+def scan_enabled(setting: Any = "auto", backend: str | None = None) -> bool:
+  """config.scan_layers: True, False, or "auto": scanned on TPU and GPU, where one layer's
+  program serves every layer (compile time and program size stay flat with depth), unrolled
+  on CPU, where XLA copies each layer's slice of a stacked weight before its matmul."""
+  if isinstance(setting, str) and setting.lower() in ("true", "false"):
+    setting = setting.lower() == "true"
+  if setting not in SCAN_SETTINGS:
+    raise ValueError(f"scan_layers must be 'auto', True or False; got {setting!r}.")
+  if setting == "auto":
+    return (backend or jax.default_backend()) in ("tpu", "gpu", "cuda", "rocm")
+  return bool(setting)
 
 
 @functools.lru_cache(maxsize=16)
@@ -347,7 +423,7 @@ def full_logits(params: dict, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, *,
 def model_logits(model: Llama, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray) -> jnp.ndarray:
   """full_logits of a module."""
   b, t = tokens_BxT.shape
-  cache = KVCache.zeros(model.cfg, b, t, model.dtype)
+  cache = model.empty_cache(b, t)
   hidden, _ = model(tokens_BxT, positions_from_mask(mask_BxT), cache, jnp.zeros((), jnp.int32),
                     mask_BxT.astype(bool))
   return model.logits(hidden)
