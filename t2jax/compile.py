@@ -29,7 +29,10 @@ not fit; the report shows XLA's message and the size in it: "Used X of Y hbm" is
 memory required for HLO temporaries (X)" (a check made before XLA lays buffers out) a sum like
 the bound. Exit status: 0 all fit, 1 something does not fit, 2 a usage error.
 
-A model too big to compile whole on this host (the layers are unrolled): `--layers N` compiles
+Layers follow config.scan_layers, "auto" resolved for the TPU: stacked and run under lax.scan,
+so a program's size and compile time do not grow with depth (`--config.scan_layers=False`
+compiles them unrolled, as a CPU run executes them).
+A model too big to compile whole on this host (layers unrolled): `--layers N` compiles
 its first N decoder layers (PARTIAL), `--extrapolate A,B` compiles the first A and the first B
 and reports the whole model with every size grown by the per-layer cost (EXTRAPOLATED: an
 estimate; on the default model each program's total came within -11 % / +74 % of the whole
@@ -53,13 +56,14 @@ import re
 import sys
 import time
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from t2jax import rl, run_setup, sampling, sharding, svf, trainer
-from t2jax.models import presets
+from t2jax.models import llama, presets
 from t2jax.models.config import ModelConfig
 from t2jax.weights import layout
 
@@ -383,10 +387,16 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
   targets = cfg.targets or svf.DEFAULT_TARGETS
   params = abstract_params(model_cfg, dtype)
   factors = abstract_factors(params, targets, cfg.rank or None)
+  # config.scan_layers "auto" resolves for the target (a TPU): layers stacked and scanned
+  scanned = llama.scan_enabled(cfg.get("scan_layers", "auto"), backend="tpu")
+  if scanned:
+    params = jax.eval_shape(llama.stack_layers, params)
+    factors = jax.eval_shape(svf.stack_layers, factors)
   params = _with(params, sharding.tree_shardings(params, mesh))
   factors = _with(factors, sharding.tree_shardings(factors, mesh))
-  z = [{b: {n: jax.ShapeDtypeStruct(f["s"].shape, jnp.float32) for n, f in names.items()}
-        for b, names in f_layer.items()} for f_layer in factors]
+  z_of = lambda f_layer: {b: {n: jax.ShapeDtypeStruct(x["s"].shape, jnp.float32)
+                               for n, x in names.items()} for b, names in f_layer.items()}
+  z = z_of(factors) if scanned else [z_of(f_layer) for f_layer in factors]
   optimizer = trainer.make_optimizer(
       name=cfg.optimizer, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
       total_steps=cfg.steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
@@ -427,10 +437,11 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
                                eos_ids=model_cfg.eos_token_ids)
     while_sampling = sum(resident.values())
     key = jax.eval_shape(lambda: jax.random.key(0))
-    pre_args = (adapted, i32(n, p), mask(n, p), i32(n),
+    graphdef, model_state = nnx.split(llama.Llama.from_params(model_cfg, adapted))
+    pre_args = (model_state, i32(n, p), mask(n, p), i32(n),
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), None)
-    pre_kw = dict(cfg=model_cfg, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
+                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    pre_kw = dict(graphdef=graphdef, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
                   mesh=mesh)
     report, compiled = compile_program(
         "prefill", f"{n} rows × {p} prompt tokens, cache {shapes.cache_len}", sampling.prefill,
@@ -440,7 +451,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
       decode_state = _abstract_outputs(compiled, sampling.prefill, *pre_args, **pre_kw)
       out.append(compile_program(
           "decode", f"{n} rows × {c} new tokens", sampling.decode,
-          (adapted, decode_state, None), dict(cfg=model_cfg, sampler=sampler, prompt_len=p),
+          (model_state, decode_state), dict(graphdef=graphdef, sampler=sampler, prompt_len=p),
           other_live=while_sampling)[0])
     return out
 
@@ -457,7 +468,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
   fits = all(r.fits(topo.hbm_bytes) for r in reports)
   return {
       "model": source, "params": model_cfg.num_params(), "dtype": cfg.dtype,
-      "layers": model_cfg.num_layers, "full_layers": full_layers,
+      "layers": model_cfg.num_layers, "full_layers": full_layers, "scanned": scanned,
       "targets": targets, "rank": cfg.rank or None,
       "topology": topo.name, "device_kind": topo.device_kind, "devices": len(topo.devices),
       "hbm_bytes": topo.hbm_bytes, "nominal_hbm_bytes": topo.nominal_hbm_bytes,
@@ -519,7 +530,8 @@ def format_report(out: dict) -> str:
       f"step      {s['batch']} prompts × {s['samples']} samples = {s['batch'] * s['samples']} "
       f"rows; prompt {s['prompt_len']} tokens ({s['prompt_len_from']}), {s['max_new']} new, "
       f"cache {s['cache_len']}; update in {out['microbatches']} microbatch(es)"
-      + (", layers rematerialised (config.remat)" if out["remat"] else ""),
+      + (", layers rematerialised (config.remat)" if out["remat"] else "")
+      + ("; layers scanned (config.scan_layers)" if out.get("scanned") else "; layers unrolled"),
       "resident  " + ", ".join(f"{k} {_gib(v)}" for k, v in out["resident_bytes"].items())
       + " GiB per device",
       "",

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl_coef = 0.05
   c.microbatches = 1  # gradient accumulation: the update runs batch_size / this prompts at a time
   c.remat = False  # recompute each decoder layer in the update's backward pass (less memory)
+  c.scan_layers = "auto"  # auto (scan on TPU/GPU, unroll on CPU) | True | False: llama.scan_enabled
   c.logprob_norm = "sum"  # sum | mean (length-normalised sequence log-prob)
   # optimizer
   c.optimizer = "adam"  # adam | adamw

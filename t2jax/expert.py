@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2jax import atomic, svf
-from t2jax.models import llama
 from t2jax.svf import SVFError
 
 FORMAT = "t2jax-expert/1"
@@ -168,7 +167,6 @@ class Expert:
 # ---------------------------------------------------------------------------------------------
 # Binding experts to a batch: which params, adapters and projection the forward pass uses.
 
-_row_adapters = jax.jit(svf.row_adapters, static_argnames=("parametrisation", "max_mult"))
 _MATERIALISED_KEPT = 2  # materialised experts memoised per model (each costs the targets' size)
 
 
@@ -194,9 +192,11 @@ def _materialised(model, expert: Expert, dec: svf.Decomposition) -> dict:
 
 def bind(model, experts, batch: int, mode: str = "auto"):
   """experts: None, one Expert for all rows, or a list of Expert-or-None per row.
-  Returns (params, adapters, linear) for llama.forward / the sampler."""
+  Returns (params, adapters, mode) for llama.forward / the sampler: params the base or a
+  materialised expert's, adapters None or an svf.RowAdapters (a z per row, factored), and the
+  mode used ("base", "materialised" or "factored")."""
   if experts is None:
-    return model.params, None, llama.plain_linear
+    return model.params, None, "base"
   rows = [experts] * batch if isinstance(experts, Expert) else list(experts)
   if len(rows) != batch:
     raise SVFError(f"experts has {len(rows)} entries for {batch} prompts; give one Expert for "
@@ -205,7 +205,7 @@ def bind(model, experts, batch: int, mode: str = "auto"):
   if any(not isinstance(e, Expert) for e in present):
     raise TypeError("experts must be t2jax.Expert objects (or None per row).")
   if not present:
-    return model.params, None, llama.plain_linear
+    return model.params, None, "base"
   first = present[0]
   for e in present[1:]:
     first.check_same_space(e)
@@ -217,18 +217,12 @@ def bind(model, experts, batch: int, mode: str = "auto"):
     if not shared:
       raise SVFError("SVF mode 'materialised' needs one expert for the whole batch; rows with "
                      "different experts (or none) need mode 'factored' or 'auto'.")
-    return _materialised(model, first, dec), None, llama.plain_linear
+    return _materialised(model, first, dec), None, mode
   trees = {id(e): e.z_tree(model) for e in present}
-  ones = jax.tree.map(np.ones_like, trees[id(first)])  # placeholder rows, replaced below
-  z_rows = jax.tree.map(lambda *per_row: np.stack(per_row),  # [B, r] per matrix
+  ones = jax.tree.map(np.ones_like, trees[id(first)])  # placeholder rows, off in rows_on
+  z_rows = jax.tree.map(lambda *per_row: jnp.asarray(np.stack(per_row)),  # [B, r] per matrix
                         *[trees[id(e)] if e is not None else ones for e in rows])
-  adapters = _row_adapters(dec.factors, z_rows, parametrisation=first.parametrisation,
-                           max_mult=first.max_mult)
-  # rows without an expert: the base weights exactly (sz = s, c = 1), whatever the parametrisation
-  keep_B = jnp.asarray([e is not None for e in rows])
-  for a_layer in adapters:
-    for names in a_layer.values():
-      for a in names.values():
-        a["sz"] = jnp.where(keep_B[:, None], a["sz"], a["s"][None, :])
-        a["c"] = jnp.where(keep_B, a["c"], 1.0)
-  return model.params, adapters, svf.factored_linear
+  adapters = svf.RowAdapters(factors=dec.factors, z_rows=z_rows,
+                             rows_on=jnp.asarray([e is not None for e in rows]),
+                             parametrisation=first.parametrisation, max_mult=first.max_mult)
+  return model.params, adapters, mode

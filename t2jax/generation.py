@@ -65,12 +65,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int, min_new_tokens: int 
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} "
                        f"that exceeds the model's context of {limit} tokens. Shorten the prompt "
                        "or lower max_new_tokens.")
-  params, adapters, linear = expert_lib.bind(model, experts, len(token_prompts), svf_mode)
+  params, adapters, _ = expert_lib.bind(model, experts, len(token_prompts), svf_mode)
   sampler = sampling.Sampler(temperature=float(temperature), top_p=float(top_p),
                              top_k=int(top_k), eos_ids=model.eos_ids)
   tokens, logprobs = sampling.run(params, token_prompts, cfg=model.config, sampler=sampler,
                                   max_new=max_new_tokens, min_new=min_new_tokens, seed=seed,
-                                  pad_id=model.pad_id, adapters=adapters, linear=linear)
+                                  pad_id=model.pad_id, adapters=adapters)
   ids = sampling.completion_ids(tokens, model.eos_ids)
   lps = [[float(x) for x in row_l[:len(row_ids)]] for row_ids, row_l in zip(ids, logprobs)]
   texts = ([model.tokenizer.decode(t, skip_special_tokens=True) for t in ids]

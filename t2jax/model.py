@@ -60,15 +60,13 @@ class Model:
     from t2jax import expert as expert_lib  # pylint: disable=import-outside-toplevel
 
     arr = self.check_tokens(token_ids)
-    params, adapters, linear = expert_lib.bind(self, expert, arr.shape[0], svf_mode)
-    return _logits(params, arr, np.ones(arr.shape, bool), adapters, cfg=self.config,
-                   linear=linear)
+    params, adapters, _ = expert_lib.bind(self, expert, arr.shape[0], svf_mode)
+    return _logits(params, arr, np.ones(arr.shape, bool), adapters, cfg=self.config)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "linear"))
-def _logits(params, tokens_BxT, mask_BxT, adapters, *, cfg, linear):
-  return llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg, linear=linear,
-                           adapters=adapters)
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logits(params, tokens_BxT, mask_BxT, adapters, *, cfg):
+  return llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg, adapters=adapters)
 
 
 def load_model(source: str | None = None, *, dtype: str = "float32") -> Model:

@@ -83,7 +83,8 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
   b, p = batch.prompt_BxP.shape
   n, c = batch.completion_NxC.shape
   g = n // b
-  cache = llama.KVCache.zeros(cfg, b, p + c - 1, params["embed_tokens"].dtype)
+  cache = llama.KVCache.zeros(cfg, b, p + c - 1, params["embed_tokens"].dtype,
+                              stacked=llama.is_stacked(params["layers"]))
   key_valid = jnp.concatenate([batch.prompt_mask_BxP, jnp.ones((b, c - 1), bool)], axis=1)
   positions = llama.positions_from_mask(batch.prompt_mask_BxP)
   hidden_BxPxD, cache = llama.forward(params, batch.prompt_BxP, positions, cache,
@@ -93,7 +94,7 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
   hidden_first_Nx1xD = rep(hidden_BxPxD[:, -1:])  # left padding: the prompt ends at slot P-1
   if c == 1:
     return llama.lm_head(params, hidden_first_Nx1xD)
-  cache = jax.tree.map(rep, cache)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=x.ndim - 4), cache)  # [(L,) B, ...]
   # completion token t sits at position len(prompt) + t; the last token predicts nothing
   start_N = rep(positions[:, -1] + 1)
   inputs_NxC1 = batch.completion_NxC[:, :-1]

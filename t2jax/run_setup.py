@@ -12,6 +12,7 @@ import numpy as np
 
 import t2jax
 from t2jax import distributed, rl, sharding, svf
+from t2jax.models import llama
 from t2jax.tasks import make_task
 from t2jax.tokenizer import encode_chats
 
@@ -39,6 +40,10 @@ def check_config(cfg) -> None:
   if cfg.baseline == "leave_one_out" and cfg.samples_per_prompt < 2:
     raise ConfigValueError("config.baseline='leave_one_out' needs config.samples_per_prompt >= 2 "
                            "(or use baseline 'none' / 'batch_mean').")
+  try:
+    llama.scan_enabled(cfg.get("scan_layers", "auto"))
+  except ValueError as e:
+    raise ConfigValueError(f"config.{e}") from None
   if cfg.samples_per_prompt > 1 and cfg.temperature == 0:
     raise ConfigValueError("config.samples_per_prompt > 1 with temperature 0 draws identical "
                            "samples; set config.temperature > 0 or samples_per_prompt=1.")
@@ -69,16 +74,24 @@ class Setup:
   mesh: Any = None  # set by place(): params and factors below are then on it
   params: Any = None
   factors: Any = None
+  scanned: bool = False  # params, factors and z stacked over layers (config.scan_layers)
 
   def __post_init__(self):
-    self.params = self.model.params if self.params is None else self.params
-    self.factors = self.dec.factors if self.factors is None else self.factors
+    self.scanned = llama.scan_enabled(self.cfg.get("scan_layers", "auto"))
+    self.params = self._layout(self.model.params) if self.params is None else self.params
+    self.factors = self._layout(self.dec.factors) if self.factors is None else self.factors
+
+  def _layout(self, tree):
+    """params or factors as the run's layers want them: stacked when scanned (a copy)."""
+    if not self.scanned:
+      return tree
+    return llama.stack_layers(tree) if isinstance(tree, dict) else svf.stack_layers(tree)
 
   def place(self, mesh) -> None:
     """Puts params and SVD factors on `mesh` by the partition rules."""
     self.mesh = mesh
     place = lambda tree: jax.device_put(tree, sharding.tree_shardings(tree, mesh))
-    self.params, self.factors = place(self.model.params), place(self.dec.factors)
+    self.params, self.factors = place(self.params), place(self.factors)
 
   def encode(self, records: Sequence[dict]) -> list[list[int]]:
     prompts = encode_chats(self.model.tokenizer, [self.task.messages(r) for r in records])
@@ -95,17 +108,21 @@ class Setup:
                                rank=self.cfg.rank or None,
                                parametrisation=self.cfg.parametrisation, seed=self.cfg.seed,
                                max_mult=self.cfg.max_mult, init_noise=self.cfg.init_noise)
-    return expert.z_tree(self.model)
+    return self.z_layout(expert.z_tree(self.model))
+
+  def z_layout(self, z_tree):
+    """A z tree as this run's params are laid out: stacked over layers when scanned."""
+    return svf.stack_layers(z_tree) if self.scanned else svf.unstack_layers(z_tree)
 
   def adapted_params(self, z_tree: list) -> dict:
-    return svf.materialise_jit(self.params, self.factors, z_tree,
+    return svf.materialise_jit(self.params, self.factors, self.z_layout(z_tree),
                                parametrisation=self.cfg.parametrisation,
                                max_mult=float(self.cfg.max_mult))
 
   def expert(self, z_tree, *, name: str, metrics: dict) -> t2jax.Expert:
     """An Expert artefact from a z tree of this run."""
     z = {}
-    for layer, z_layer in enumerate(jax.device_get(z_tree)):
+    for layer, z_layer in enumerate(svf.unstack_layers(jax.device_get(z_tree))):
       for block, names in z_layer.items():
         for proj, vec in names.items():
           z[svf.hf_module_name(block, proj, layer)] = vec

@@ -3,8 +3,10 @@
 `prefill` runs the left-padded prompts once, fills the cache and picks the first token;
 `decode` is one `lax.while_loop` that feeds the last token back until every row has emitted
 EOS or reached its token limit. Prompt lengths are padded to buckets and the cache length is
-rounded, so batches of similar shape reuse the compiled programs. Params (and adapters) are
-jit arguments, never constants folded into the program.
+rounded, so batches of similar shape reuse the compiled programs. Both are pure functions of
+the model split outside (`nnx.split`: a static graphdef and the state of its variables, base
+weights and any SVF z) and merged inside: weights are jit arguments, never constants folded
+into the program.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import flax.nnx as nnx
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -117,23 +120,23 @@ def _pick(sampler: Sampler, state: DecodeState, logits_BxV: jnp.ndarray) -> Deco
                        logprobs=logprobs, done=done, rng=rng)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("cfg", "sampler", "cache_len", "max_new", "linear", "mesh"))
-def prefill(params, tokens_BxT, mask_BxT, limit_B, min_new, rng, adapters=None, *,
-            cfg: ModelConfig, sampler: Sampler, cache_len: int, max_new: int,
-            linear: llama.Linear = llama.plain_linear, mesh=None) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "cache_len", "max_new",
+                                             "mesh"))
+def prefill(state: nnx.State, tokens_BxT, mask_BxT, limit_B, min_new, rng, *,
+            graphdef: nnx.GraphDef, sampler: Sampler, cache_len: int, max_new: int,
+            mesh=None) -> DecodeState:
+  """Runs the prompts of the model nnx.merge(graphdef, state) and picks the first token."""
+  model = nnx.merge(graphdef, state)
   b, t = tokens_BxT.shape
-  cache = llama.KVCache.zeros(cfg, b, cache_len, params["embed_tokens"].dtype)
+  cache = model.empty_cache(b, cache_len)
   if mesh is not None:  # placed by the partition rules; decode's loop keeps the placement
     cache = jax.lax.with_sharding_constraint(
         cache, sharding.tree_shardings({"cache": cache}, mesh)["cache"])
   key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask_BxT.astype(bool))
   positions = llama.positions_from_mask(mask_BxT)
   with sharding.activations_over(mesh):
-    hidden, cache = llama.forward(params, tokens_BxT, positions, cache,
-                                  jnp.zeros((), jnp.int32), key_valid, cfg=cfg, linear=linear,
-                                  adapters=adapters)
-  logits_BxV = llama.lm_head(params, hidden[:, -1:])[:, 0]
+    hidden, cache = model(tokens_BxT, positions, cache, jnp.zeros((), jnp.int32), key_valid)
+  logits_BxV = model.logits(hidden[:, -1:])[:, 0]
   state = DecodeState(
       step=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid,
       last_token=jnp.zeros((b,), jnp.int32), position=positions[:, -1],
@@ -143,10 +146,12 @@ def prefill(params, tokens_BxT, mask_BxT, limit_B, min_new, rng, adapters=None, 
   return _pick(sampler, state, logits_BxV)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "prompt_len", "linear"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "prompt_len"),
                    donate_argnames=("state",))
-def decode(params, state: DecodeState, adapters=None, *, cfg: ModelConfig, sampler: Sampler,
-           prompt_len: int, linear: llama.Linear = llama.plain_linear) -> DecodeState:
+def decode(model_state: nnx.State, state: DecodeState, *, graphdef: nnx.GraphDef,
+           sampler: Sampler, prompt_len: int) -> DecodeState:
+  """The decode loop of the model nnx.merge(graphdef, model_state) from prefill's state."""
+  model = nnx.merge(graphdef, model_state)
   max_new = state.tokens.shape[1]
 
   def cond(s: DecodeState):
@@ -157,9 +162,8 @@ def decode(params, state: DecodeState, adapters=None, *, cfg: ModelConfig, sampl
     position = s.position + 1
     key_valid = jax.lax.dynamic_update_slice(
         s.key_valid, jnp.ones((s.key_valid.shape[0], 1), bool), (0, slot))
-    hidden, cache = llama.forward(params, s.last_token[:, None], position[:, None], s.cache, slot,
-                                  key_valid, cfg=cfg, linear=linear, adapters=adapters)
-    logits_BxV = llama.lm_head(params, hidden)[:, 0]
+    hidden, cache = model(s.last_token[:, None], position[:, None], s.cache, slot, key_valid)
+    logits_BxV = model.logits(hidden)[:, 0]
     s = s.replace(cache=cache, key_valid=key_valid, position=position)
     return _pick(sampler, s, logits_BxV)
 
@@ -197,11 +201,12 @@ def completion_ids(tokens_NxC: np.ndarray, eos_ids: Sequence[int]) -> list[list[
 
 
 def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler, max_new: int,
-        min_new: int = 0, seed: int = 0, pad_id: int = 0, adapters=None,
-        linear: llama.Linear = llama.plain_linear, mesh=None,
+        min_new: int = 0, seed: int = 0, pad_id: int = 0, adapters=None, mesh=None,
         prompt_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates for token-id prompts (validated by the caller). Returns host arrays
   tokens [B, N] (-1 after the end) and logprobs [B, N].
+
+  params: a params dict (with `adapters` swapped in, see llama.build) or an nnx Llama module.
 
   With a `mesh`, the batch is split over its batch axes (params placed by the partition
   rules): `prompts` are this process's rows of the global batch and so are the results; every
@@ -214,10 +219,14 @@ def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler,
   limit = np.full((b,), max_new, np.int32)
   if mesh is not None:
     tokens, mask, limit = sharding.global_batch((tokens, mask, limit), mesh)
-  state = prefill(params, tokens, mask, limit, min_new, jax.random.key(seed), adapters, cfg=cfg,
-                  sampler=sampler, cache_len=t + new_bucket, max_new=max_new, linear=linear,
+  if isinstance(params, llama.Llama):
+    graphdef, model_state = nnx.split(params)
+  else:
+    graphdef, model_state = llama.split_params(cfg, params, adapters)
+  state = prefill(model_state, tokens, mask, limit, min_new, jax.random.key(seed),
+                  graphdef=graphdef, sampler=sampler, cache_len=t + new_bucket, max_new=max_new,
                   mesh=mesh)
-  state = decode(params, state, adapters, cfg=cfg, sampler=sampler, prompt_len=t, linear=linear)
+  state = decode(model_state, state, graphdef=graphdef, sampler=sampler, prompt_len=t)
   if mesh is not None:
     return sharding.local_rows(state.tokens, mesh), sharding.local_rows(state.logprobs, mesh)
   return np.asarray(state.tokens), np.asarray(state.logprobs)

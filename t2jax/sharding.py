@@ -47,8 +47,12 @@ PARTITION_RULES: list[tuple[str, P]] = [
     (r"(layernorm|norm)$", P()),
     # sampling.DecodeState's KV cache (llama.KVCache, [B, KVH, ·, ·] per layer): rows over the
     # batch axes, kv-heads over tensor like the k/v projections that fill them
-    (r"^cache/(k|v)/\d+$", P(BATCH, "tensor", None, None)),
+    (r"^cache/(k|v)(/\d+)?$", P(BATCH, "tensor", None, None)),
 ]
+# Trees stacked over layers for a scanned model (llama.stack_layers, svf.stack_layers, a
+# stacked KV cache): their leaves carry a leading layer axis, never split, before the
+# dimensions the rules above describe.
+STACKED = r"^(layers/[a-z]|self_attn/|mlp/|cache/(k|v)$)"
 
 
 class MeshError(ValueError):
@@ -94,6 +98,12 @@ def _axis_size(mesh: Mesh, axis) -> int:
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   """The first rule matching `path`; axes that do not divide the dimension are dropped."""
+  if re.search(STACKED, path) and shape:
+    return P(None, *_rule_spec(path, shape[1:], mesh))
+  return _rule_spec(path, shape, mesh)
+
+
+def _rule_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   for pattern, spec in PARTITION_RULES:
     if re.search(pattern, path):
       out = []

@@ -9,9 +9,14 @@ nuclear-norm rescaling is c = Σs / Σ(s·f(z))). The adapted kernel is
   K' = c·K + v diag(sz − c·s) ut                         (exact: z at identity gives K' = K)
 and for r = min(n, m) also K' = v diag(sz) ut, which needs no K at all.
 
+SVF is a module transform: `apply` swaps each targeted `llama.Linear` of an NNX model for an
+`SVFLinear` holding K, v, s, ut (Frozen) and z (the model's only nnx.Param), so
+`nnx.state(model, nnx.Param)` is exactly an expert's z (`hf_z` names it as Expert.z does).
+
 Compute modes (chosen in `choose_mode`, the one place that decides):
-  materialised: K' built once per z (n·r·m flops), then the plain dense product. For a z
-    shared by many tokens: training steps, single-expert generation.
+  materialised: K' built once per z (n·r·m flops), then the plain dense product (`merged`
+    swaps plain Linear modules over K' back in). For a z shared by many tokens: training
+    steps, single-expert generation.
   factored: y = ((x v) ⊙ sz_row) ut per row; a different z per row of the batch, no K' kept.
 """
 
@@ -22,8 +27,9 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
 
+import flax.nnx as nnx
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,76 +215,233 @@ def choose_mode(per_row: bool, mode: str = "auto") -> str:
   return "factored" if per_row else "materialised"
 
 
+# ---------------------------------------------------------------------------------------------
+# SVF as a module transform: targeted Linear modules swapped for SVFLinear.
+
+
+class SVFLinear(nnx.Module):
+  """A projection whose top-r singular values are rescaled by z. The base kernel, bias and
+  the factors v [n, r], s [r], ut [r, m], s_total [] are Frozen; z is the module's only
+  nnx.Param: [r] (one expert) or [B, r] (a z per batch row, factored mode only).
+
+  mode "materialised": K' = c·K + v diag(sz − c·s) ut per call, then the dense product;
+  "factored": y = ((x v) ⊙ sz_row) ut (+ c·x K below full rank), K' never built.
+  rows_on [B] (factored, optional): rows where False compute the base projection exactly.
+  """
+
+  def __init__(self, base: llama.Linear, f: dict, z: jax.Array, *, parametrisation: str,
+               max_mult: float, mode: str, rows_on: jax.Array | None = None):
+    if mode not in ("materialised", "factored"):
+      raise SVFError(f"SVFLinear mode {mode!r}: use 'materialised' or 'factored'.")
+    self.kernel = llama.Frozen(base.kernel.get_value())
+    self.bias = llama.Frozen(base.bias.get_value()) if base.bias is not None else None
+    self.v, self.s = llama.Frozen(f["v"]), llama.Frozen(f["s"])
+    self.ut, self.s_total = llama.Frozen(f["ut"]), llama.Frozen(f["s_total"])
+    self.z = nnx.Param(z)
+    self.rows_on = llama.Shared(rows_on) if rows_on is not None else None
+    self.parametrisation, self.max_mult, self.mode = parametrisation, max_mult, mode
+
+  def scaled(self) -> tuple[jax.Array, jax.Array]:
+    """sz = c·s·f(z) [..., r] and c [...] (z's leading axes), factors never differentiated."""
+    s, s_total = jax.lax.stop_gradient(self.s[...]), jax.lax.stop_gradient(self.s_total[...])
+    z = self.z[...]
+    if s_total.ndim < z.ndim - 1:  # a z per batch row ([B, r]) of one layer's matrix
+      s_total = s_total[None]
+    return scaled_singular_values(z, s, s_total, self.parametrisation, self.max_mult)
+
+  def adapted_kernel(self) -> jax.Array:
+    """K' for a z of shape [r], or [L, r] with every factor stacked over layers likewise
+    (a scanned model); differentiable in z only."""
+    kernel = jax.lax.stop_gradient(self.kernel[...])
+    v, s, ut = (jax.lax.stop_gradient(x[...]) for x in (self.v, self.s, self.ut))
+    sz, c = self.scaled()
+    update = (v * (sz - c[..., None] * s)[..., None, :]) @ ut
+    return (c[..., None, None] * kernel + update).astype(kernel.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.mode == "materialised":
+      y = x @ self.adapted_kernel()
+    else:
+      y = self._factored(x)
+    return y + self.bias[...] if self.bias is not None else y
+
+  def _factored(self, x_BxTxN: jax.Array) -> jax.Array:
+    sz, c = self.scaled()
+    s = self.s[...]
+    if sz.ndim == 1:
+      sz, c = sz[None], c[None]
+    if self.rows_on is not None:  # rows without an expert: the base weights exactly
+      on_B = self.rows_on[...]
+      sz = jnp.where(on_B[:, None], sz, s[None, :])
+      c = jnp.where(on_B, c, 1.0)
+    v, ut = self.v[...].astype(x_BxTxN.dtype), self.ut[...].astype(x_BxTxN.dtype)
+    low_BxTxR = x_BxTxN @ v
+    if v.shape[-1] == min(v.shape[0], ut.shape[-1]):  # K' = v diag(sz) ut: K is never read
+      return (low_BxTxR * sz.astype(x_BxTxN.dtype)[:, None, :]) @ ut
+    delta = (sz - c[:, None] * s).astype(x_BxTxN.dtype)
+    c = c.astype(x_BxTxN.dtype)[:, None, None]
+    return c * (x_BxTxN @ self.kernel[...]) + (low_BxTxR * delta[:, None, :]) @ ut
+
+
+def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = None,
+          parametrisation: str = "scale", max_mult: float = 2.0, mode: str = "materialised",
+          factors: list | None = None, z: list | None = None,
+          rows_on: jax.Array | None = None) -> llama.Llama:
+  """Swaps every targeted Linear of `model` (in place; returned) for an SVFLinear.
+
+  factors: from `decompose` (cached on disk); None decomposes the model's kernels here (SVD
+  of `targets` at `rank`; needs concrete arrays). z: [layer]{block: {name: [r] or [B, r]}}
+  (an Expert's z_tree), None for the identity init of the parametrisation.
+  Afterwards `nnx.state(model, nnx.Param)` is exactly z, one leaf per targeted matrix."""
+  if parametrisation not in PARAMETRISATIONS:
+    raise SVFError(f"parametrisation {parametrisation!r} is unknown; use one of "
+                   f"{PARAMETRISATIONS}.")
+  if factors is None:
+    if rank is not None and rank < 1:
+      raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+    params = llama.unstack_layers(llama.to_params(model))
+    factors = jax.tree.map(jnp.asarray, _compute_factors(
+        params, target_modules(params, targets or DEFAULT_TARGETS), rank, progress=False))
+    factors = stack_layers(factors) if model.scanned else factors
+  if model.scanned != llama.is_stacked(factors):
+    raise SVFError("a scanned model needs factors stacked over layers (svf.stack_layers), an "
+                   "unrolled one a list per layer.")
+  layers = _per_layer(model.layers if model.scanned else list(model.layers))
+  if len(_per_layer(factors)) != len(layers):
+    raise SVFError(f"factors cover {len(factors)} layers; the model has {len(layers)}.")
+  z_layers = _per_layer(z) if z is not None else None
+  for i, (layer, f_layer) in enumerate(zip(layers, _per_layer(factors))):
+    for block, names in f_layer.items():
+      parent = getattr(layer, block)
+      for name, f in names.items():
+        base = getattr(parent, name)
+        if not isinstance(base, llama.Linear):
+          raise SVFError(f"layers/{i}/{block}/{name} is a {type(base).__name__}, not a plain "
+                         "Linear: SVF is applied once, to the base model.")
+        z_m = (z_layers[i][block][name] if z is not None else
+               jnp.asarray(init_z(np.shape(f["s"]), parametrisation, np.random.default_rng(0))))
+        setattr(parent, name, SVFLinear(base, f, z_m, parametrisation=parametrisation,
+                                        max_mult=max_mult, mode=mode, rows_on=rows_on))
+  return model
+
+
+def _per_layer(tree) -> list:
+  """A per-layer list (params["layers"], factors, z) as a list; a stacked tree as a list of
+  one whose leaves carry the layer axis."""
+  return [tree] if llama.is_stacked(tree) else list(tree)
+
+
+def _like(like, items: list):
+  return items[0] if llama.is_stacked(like) else items
+
+
+def stack_layers(tree: list):
+  """Per-layer factors or z ([layer]{block: {name: ...}}) stacked over a leading layer axis,
+  for a scanned model; unchanged if stacked already."""
+  if llama.is_stacked(tree):
+    return tree
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *tree)
+
+
+def unstack_layers(tree) -> list:
+  if not llama.is_stacked(tree):
+    return list(tree)
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def svf_modules(model: llama.Llama):
+  """(layer, block, name, parent, SVFLinear) of every swapped projection, in layer order
+  (a scanned model: one entry per matrix, layer 0, its variables stacked over layers)."""
+  for i, layer in enumerate(_per_layer(model.layers if model.scanned else list(model.layers))):
+    for block, names in (("self_attn", llama.ATTN_PROJ), ("mlp", llama.MLP_PROJ)):
+      parent = getattr(layer, block)
+      for name in names:
+        m = getattr(parent, name)
+        if isinstance(m, SVFLinear):
+          yield i, block, name, parent, m
+
+
+def merged(model: llama.Llama) -> llama.Llama:
+  """Every SVFLinear replaced (in place; returned) by a plain Linear over K': materialised
+  once for a z shared by every row (differentiable in z), then plain dense products."""
+  for _, _, name, parent, m in list(svf_modules(model)):
+    setattr(parent, name, llama.Linear(m.adapted_kernel(),
+                                       m.bias[...] if m.bias is not None else None))
+  return model
+
+
+def z_tree(model: llama.Llama) -> list:
+  """The z of an SVF model as [layer]{block: {name: z}} (the layout of Expert.z_tree)."""
+  tree: list = [{} for _ in range(1 if model.scanned else len(model.layers))]
+  for i, block, name, _, m in svf_modules(model):
+    tree[i].setdefault(block, {})[name] = m.z[...]
+  return unstack_layers(tree[0]) if model.scanned else tree
+
+
+def hf_z(z_state) -> dict:
+  """nnx.state(model, nnx.Param) of an SVF model → {HF parameter name: z}, Expert.z's keys."""
+  out = {}
+  for path, leaf in nnx.to_flat_state(z_state):
+    if path[0] != "layers" or path[-1] != "z" or len(path) not in (4, 5):
+      raise SVFError(f"{'/'.join(map(str, path))} is not an SVF z.")
+    if len(path) == 5:  # layers/<i>/<block>/<name>/z
+      out[hf_module_name(path[2], path[3], int(path[1]))] = leaf[...]
+    else:  # a scanned model: layers/<block>/<name>/z, [L, r]
+      for i, z in enumerate(leaf[...]):
+        out[hf_module_name(path[1], path[2], i)] = z
+  return out
+
+
 def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: str,
                 max_mult: float) -> dict:
   """Params with every targeted kernel replaced by K' for one z (z_tree[layer][block][name]:
-  [r]). Pure and differentiable in z; params and factors are never differentiated."""
-  layers = []
-  for p_layer, f_layer, z_layer in zip(params["layers"], factors, z_tree):
-    p_layer = dict(p_layer)
-    for block, names in f_layer.items():
-      p_layer[block] = dict(p_layer[block])
-      for name, f in names.items():
-        f = jax.tree.map(jax.lax.stop_gradient, f)
-        p = p_layer[block][name]
-        kernel = jax.lax.stop_gradient(p["kernel"])
-        sz, c = scaled_singular_values(z_layer[block][name], f["s"], f["s_total"],
-                                       parametrisation, max_mult)
-        update = (f["v"] * (sz - c * f["s"])) @ f["ut"]
-        p_layer[block][name] = {**p, "kernel": (c * kernel + update).astype(kernel.dtype)}
-    layers.append(p_layer)
-  return {**params, "layers": layers}
+  [r]), each computed by the SVFLinear `apply` would swap in. Pure and differentiable in z;
+  params and factors are never differentiated."""
+  kernels = []
+  for p_layer, f_layer, z_layer in zip(_per_layer(params["layers"]), _per_layer(factors),
+                                       _per_layer(z_tree)):
+    kernels.append({block: {name: SVFLinear(
+        llama.Linear(p_layer[block][name]["kernel"]), f, z_layer[block][name],
+        parametrisation=parametrisation, max_mult=max_mult, mode="materialised",
+    ).adapted_kernel() for name, f in names.items()} for block, names in f_layer.items()})
+  return with_kernels(params, _like(params["layers"], kernels))
 
 
 def targeted_kernels(params: dict, factors: list) -> list:
   """The kernels SVF rescales, [layer][block][name] like the factors."""
-  return [{block: {name: p_layer[block][name]["kernel"] for name in names}
-           for block, names in f_layer.items()}
-          for p_layer, f_layer in zip(params["layers"], factors)]
+  return _like(params["layers"], [
+      {block: {name: p_layer[block][name]["kernel"] for name in names}
+       for block, names in f_layer.items()}
+      for p_layer, f_layer in zip(_per_layer(params["layers"]), _per_layer(factors))])
 
 
 def with_kernels(params: dict, kernels: list) -> dict:
   """Params with the targeted kernels replaced (the inverse of targeted_kernels)."""
   layers = []
-  for p_layer, k_layer in zip(params["layers"], kernels):
+  for p_layer, k_layer in zip(_per_layer(params["layers"]), _per_layer(kernels)):
     p_layer = dict(p_layer)
     for block, names in k_layer.items():
       p_layer[block] = {**p_layer[block], **{
           name: {**p_layer[block][name], "kernel": k} for name, k in names.items()}}
     layers.append(p_layer)
-  return {**params, "layers": layers}
+  return {**params, "layers": _like(params["layers"], layers)}
 
 
 # Jitted once here: the entry points (expert binding, rollouts, evaluation) share its compile cache.
 materialise_jit = jax.jit(materialise, static_argnames=("parametrisation", "max_mult"))
 
 
-def row_adapters(factors: list, z_rows: list, *, parametrisation: str, max_mult: float) -> list:
-  """Per-layer adapters for `factored_linear`: z_rows[layer][block][name] is [B, r]."""
-  out = []
-  for f_layer, z_layer in zip(factors, z_rows):
-    a_layer: dict = {}
-    for block, names in f_layer.items():
-      for name, f in names.items():
-        sz, c = scaled_singular_values(z_layer[block][name], f["s"], f["s_total"][None],
-                                       parametrisation, max_mult)
-        a_layer.setdefault(block, {})[name] = {"v": f["v"], "ut": f["ut"], "s": f["s"],
-                                               "sz": sz, "c": c}
-    out.append(a_layer)
-  return out
+@flax.struct.dataclass
+class RowAdapters:
+  """A z per batch row for `llama.forward(..., adapters=)`: attaches factored SVFLinear
+  modules. z_rows[layer][block][name] [B, r]; rows_on [B]: False rows run the base model."""
+  factors: list
+  z_rows: list
+  rows_on: jax.Array
+  parametrisation: str = flax.struct.field(pytree_node=False, default="scale")
+  max_mult: float = flax.struct.field(pytree_node=False, default=2.0)
 
-
-def factored_linear(x: jnp.ndarray, p: dict, a: Any) -> jnp.ndarray:
-  """x [B, T, n] with a per-row adapter a = {v [n, r], ut [r, m], s [r], sz [B, r], c [B]}."""
-  if a is None:
-    return llama.plain_linear(x, p)
-  v, ut, sz = a["v"].astype(x.dtype), a["ut"].astype(x.dtype), a["sz"].astype(x.dtype)
-  low_BxTxR = x @ v
-  full_rank = v.shape[-1] == min(v.shape[0], ut.shape[-1])
-  if full_rank:  # K' = v diag(sz) ut exactly: the dense kernel is never read
-    y = (low_BxTxR * sz[:, None, :]) @ ut
-  else:
-    c = a["c"].astype(x.dtype)[:, None, None]
-    delta = (sz - a["c"][:, None] * a["s"]).astype(x.dtype)
-    y = c * (x @ p["kernel"]) + (low_BxTxR * delta[:, None, :]) @ ut
-  return y + p["bias"] if "bias" in p else y
+  def attach(self, model: llama.Llama) -> None:
+    apply(model, factors=self.factors, z=self.z_rows, rows_on=self.rows_on, mode="factored",
+          parametrisation=self.parametrisation, max_mult=self.max_mult)

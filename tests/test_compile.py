@@ -116,7 +116,9 @@ def test_two_cuts_extrapolate_to_the_whole_model(default_report, tmp_path):
   assert abs(ex["params"] - full["params"]) <= 1
   for p, q in zip(ex["programs"], full["programs"]):
     assert 0.8 * q["total"] <= p["total"] <= 2.0 * q["total"], (p["name"], p["total"], q["total"])
-    assert p["argument"] == q["argument"], p["name"]  # params and factors grow by whole layers
+    # params and factors grow by whole layers; stacked over layers (scan_layers, "auto" on a
+    # TPU) their small [L, r] and [L] leaves are padded to the chip's tiles by L: within 0.1 %
+    assert abs(p["argument"] - q["argument"]) <= 1e-3 * q["argument"], p["name"]
 
 
 @needs_libtpu

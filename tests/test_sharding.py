@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 from t2jax import sharding, svf
+from t2jax.models import llama
 
 
 def test_parse_mesh():
@@ -32,6 +35,27 @@ def test_every_param_and_factor_has_a_rule(loaded, name):
   sharding.tree_shardings(model.params, mesh)  # raises on an unmatched path
   dec = svf.decompose(model, r"(self_attn|mlp)/.*_proj", cache=False, progress=False)
   sharding.tree_shardings(dec.factors, mesh)
+
+
+def test_stacked_trees_keep_the_layer_axis_whole(loaded):
+  """Params, factors and the KV cache stacked for scanned layers get the per-layer rule's
+  spec behind an unsplit leading layer axis."""
+  model, _ = loaded("llama_bias")
+  mesh = sharding.make_mesh("data:-1")
+  spec = lambda tree: jax.tree.map(lambda s: s.spec, sharding.tree_shardings(tree, mesh))
+  behind = lambda per_layer: jax.tree.map(lambda s: P(None, *s), per_layer,
+                                          is_leaf=lambda x: isinstance(x, P))
+  params = spec(model.params)
+  stacked = spec(llama.stack_layers(model.params))
+  assert stacked["layers"] == behind(params["layers"][0])
+  assert stacked["embed_tokens"] == params["embed_tokens"]
+  dec = svf.decompose(model, r"(self_attn|mlp)/.*_proj", cache=False, progress=False)
+  assert spec(svf.stack_layers(dec.factors)) == behind(spec(dec.factors)[0])
+  cache = llama.KVCache.zeros(model.config, 2, 8, jax.numpy.float32)
+  one = spec({"cache": cache})["cache"]
+  both = spec({"cache": llama.KVCache.zeros(model.config, 2, 8, jax.numpy.float32,
+                                            stacked=True)})["cache"]
+  assert (both.k, both.v) == (P(None, *one.k[0]), P(None, *one.v[0]))
 
 
 def test_unmatched_path_is_an_error():

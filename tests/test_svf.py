@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,3 +295,140 @@ def test_default_model_modes(default_model):
   assert len(e.z) == 90 and all(v.shape == (576,) for v in e.z.values())
   for mode in ("materialised", "factored"):
     assert np.abs(np.asarray(default_model.logits(ids, e, svf_mode=mode)) - base).max() <= 1e-3
+
+
+# ------------------------------------------------------------------ SVF as a module transform
+
+def _svf_module(model, expert, mode="materialised", z=None):
+  dec = svf.decompose(model, expert.targets, expert.rank)
+  m = llama.Llama.from_params(model.config, model.params)
+  return svf.apply(m, factors=dec.factors, z=z if z is not None else expert.z_tree(model),
+                   parametrisation=expert.parametrisation, max_mult=expert.max_mult, mode=mode)
+
+
+@pytest.mark.parametrize("targets,rank", [(svf.DEFAULT_TARGETS, None), (ALL_PROJ, 4)])
+def test_apply_leaves_z_as_the_only_param(loaded, targets, rank):
+  """nnx.state(model, nnx.Param) after svf.apply is exactly the expert's z: one leaf per
+  targeted matrix, named by HF parameter name like Expert.z; everything else is Frozen."""
+  model, _ = loaded("llama_bias")
+  e = _perturbed(t2jax.Expert.init(model, targets=targets, rank=rank))
+  m = _svf_module(model, e)
+  z_state = nnx.state(m, nnx.Param)
+  assert len(jax.tree.leaves(z_state)) == len(e.z)
+  got = svf.hf_z(z_state)
+  assert set(got) == set(e.z)
+  for k, v in e.z.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), v)
+  rest = nnx.state(m, nnx.Not(nnx.Param))
+  kinds = {type(v) for _, v in nnx.to_flat_state(rest)}
+  assert kinds == {llama.Frozen}
+  # a fresh apply (no z) starts at the parametrisation's identity
+  fresh = svf.apply(llama.Llama.from_params(model.config, model.params), targets=targets,
+                    rank=rank)
+  assert all(np.all(np.asarray(v) == 1.0) for v in svf.hf_z(nnx.state(fresh, nnx.Param)).values())
+  with pytest.raises(SVFError, match="not a plain Linear"):
+    svf.apply(m, targets=targets, rank=rank)
+
+
+@pytest.mark.parametrize("mode", ["materialised", "factored"])
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+def test_split_program_matches_hf_and_its_gradient_the_functional_one(loaded, mode,
+                                                                      parametrisation):
+  """A jitted program of (graphdef, frozen state, z), merged inside, gives HF's logits with the
+  numpy-recomposed weights, and its gradient in z equals the gradient through
+  svf.materialise of the params dict."""
+  model, torch_model = loaded("llama")
+  e = _perturbed(t2jax.Expert.init(model, targets=ALL_PROJ, rank=5,
+                                   parametrisation=parametrisation), scale=0.1)
+  ids = _ids(model)
+  mask = jnp.ones(ids.shape, bool)
+  graphdef, frozen, z = nnx.split(_svf_module(model, e, mode), llama.Frozen, nnx.Param)
+
+  @jax.jit
+  def logits(frozen, z, ids):
+    return llama.model_logits(nnx.merge(graphdef, frozen, z), ids, mask)
+
+  with torch.no_grad():
+    want = _hf_with_expert(torch_model, e)(torch.from_numpy(ids)).logits.numpy()
+  assert np.abs(np.asarray(logits(frozen, z, ids)) - want).max() <= 1e-4
+  weights = jnp.asarray(np.random.default_rng(0).standard_normal(want.shape), jnp.float32)
+  grad_state = jax.jit(jax.grad(lambda z: jnp.sum(logits(frozen, z, ids) * weights)))(z)
+  dec = svf.decompose(model, e.targets, e.rank)
+
+  def tree_loss(z_tree):
+    p = svf.materialise(model.params, dec.factors, z_tree, parametrisation=parametrisation,
+                        max_mult=e.max_mult)
+    return jnp.sum(llama.full_logits(p, ids, mask, cfg=model.config) * weights)
+
+  grad_tree = jax.jit(jax.grad(tree_loss))(jax.tree.map(jnp.asarray, e.z_tree(model)))
+  got = svf.hf_z(grad_state)
+  for layer, g_layer in enumerate(grad_tree):
+    for block, names in g_layer.items():
+      for name, g in names.items():
+        np.testing.assert_allclose(got[svf.hf_module_name(block, name, layer)], g,
+                                   rtol=2e-3, atol=2e-3 * float(jnp.abs(g).max()))
+
+
+def test_per_row_z_rows_equal_each_row_alone(loaded):
+  """Factored mode with z [B, r]: each row gives the logits of its own expert alone (or the
+  base model where rows_on is False)."""
+  model, _ = loaded("llama")
+  a = _perturbed(t2jax.Expert.init(model, rank=6), seed=1)
+  b = _perturbed(t2jax.Expert.init(model, rank=6), seed=2)
+  rows = [a, b, None]
+  trees = [e.z_tree(model) if e is not None else a.z_tree(model) for e in rows]
+  z_rows = jax.tree.map(lambda *r: jnp.asarray(np.stack(r)), *trees)
+  dec = svf.decompose(model, a.targets, a.rank)
+  m = llama.Llama.from_params(model.config, model.params)
+  svf.apply(m, factors=dec.factors, z=z_rows, mode="factored",
+            rows_on=jnp.asarray([e is not None for e in rows]))
+  ids = _ids(model)
+  got = np.asarray(jax.jit(llama.model_logits)(m, ids, jnp.ones(ids.shape, bool)))
+  for i, e in enumerate(rows):
+    alone = np.asarray(model.logits(ids[i:i + 1], e, svf_mode="materialised"))[0]
+    assert np.abs(got[i] - alone).max() <= 1e-4, i
+
+
+@pytest.mark.parametrize("parametrisation", ["scale", "paper"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_z_gradients_equal_unrolled(loaded, parametrisation, remat):
+  """The RL loss through W'(z) gives the same value and z gradient with layers stacked under
+  lax.scan as unrolled, remat or not; factored rows on a scanned SVF module likewise."""
+  from t2jax import rl  # pylint: disable=import-outside-toplevel
+
+  model, _ = loaded("llama_3_layers")
+  e = _perturbed(t2jax.Expert.init(model, targets=ALL_PROJ, rank=5,
+                                   parametrisation=parametrisation), scale=0.1)
+  dec = svf.decompose(model, e.targets, e.rank)
+  rng = np.random.default_rng(0)
+  b, g, p, c = 2, 2, 5, 4
+  batch = rl.Rollouts(prompt_BxP=rng.integers(2, 200, (b, p)).astype(np.int32),
+                      prompt_mask_BxP=np.ones((b, p), bool),
+                      completion_NxC=rng.integers(2, 200, (b * g, c)).astype(np.int32),
+                      completion_mask_NxC=np.ones((b * g, c), bool),
+                      reward_N=np.asarray([1.0, -1.0, -1.0, 1.0], np.float32))
+  settings = rl.RLSettings(parametrisation=parametrisation, max_mult=e.max_mult, remat=remat)
+  grad = jax.jit(jax.grad(lambda z, params, factors: rl.loss_fn(
+      z, params, factors, batch, cfg=model.config, settings=settings)[0]))
+  z = jax.tree.map(jnp.asarray, e.z_tree(model))
+  want = grad(z, model.params, dec.factors)
+  got = grad(svf.stack_layers(z), llama.stack_layers(model.params),
+             svf.stack_layers(dec.factors))
+  for a, b_ in zip(jax.tree.leaves(svf.unstack_layers(got)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b_, rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(b_).max())))
+  # factored rows on a scanned SVF module
+  ids = _ids(model)
+  rows = [e, None, e]
+  z_rows = jax.tree.map(lambda *r: jnp.asarray(np.stack(r)), *[e.z_tree(model)] * 3)
+  on = jnp.asarray([x is not None for x in rows])
+  outs = []
+  for stack in (False, True):
+    m = llama.Llama.from_params(model.config, llama.stack_layers(model.params) if stack
+                                else model.params)
+    svf.apply(m, factors=svf.stack_layers(dec.factors) if stack else dec.factors,
+              z=svf.stack_layers(z_rows) if stack else z_rows, rows_on=on, mode="factored",
+              parametrisation=parametrisation, max_mult=e.max_mult)
+    outs.append(np.asarray(jax.jit(llama.model_logits)(m, ids, jnp.ones(ids.shape, bool))))
+    if stack:  # the Param state of a scanned model still names every matrix of every layer
+      assert set(svf.hf_z(nnx.state(m, nnx.Param))) == set(e.z)
+  np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)
