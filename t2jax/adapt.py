@@ -404,16 +404,16 @@ def evaluate_population(model, experts: Sequence[Expert], alphas, prompts, recor
   return per_PxS.mean(axis=1), per_PxS
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "linear", "tail"))
+@functools.partial(jax.jit, static_argnames=("cfg", "tail"))
 def _tail_logprobs(params, tokens_BxT, mask_BxT, adapters, *, cfg: ModelConfig,
-                   linear: llama.Linear, tail: int) -> jnp.ndarray:
+                   tail: int) -> jnp.ndarray:
   """log p(token | the tokens before it) [B, tail] of each row's last `tail` tokens
   (rows left-padded)."""
   b, t = tokens_BxT.shape
   cache = llama.KVCache.zeros(cfg, b, t, params["embed_tokens"].dtype)
   hidden_BxTxD, _ = llama.forward(params, tokens_BxT, llama.positions_from_mask(mask_BxT), cache,
                                   jnp.zeros((), jnp.int32), mask_BxT.astype(bool), cfg=cfg,
-                                  linear=linear, adapters=adapters)
+                                  adapters=adapters)
   hidden_RxBxD = jnp.swapaxes(hidden_BxTxD[:, t - tail - 1:t - 1], 0, 1)
   target_RxB = tokens_BxT[:, t - tail:].T
 
@@ -471,9 +471,9 @@ def reference_loglik(model, experts: Sequence[Expert], alphas, prompts, referenc
     rows_b = rows[start:start + size] + [rows[i] for i in pad]
     tokens_BxT, mask_BxT = sampling.left_pad(seqs_B[start:start + size] + [seqs_B[i] for i in pad],
                                              model.pad_id, width)
-    params, adapters, linear = expert_lib.bind(model, rows_b, size)
+    params, adapters, _ = expert_lib.bind(model, rows_b, size)
     chunks.append(np.asarray(_tail_logprobs(params, tokens_BxT, mask_BxT, adapters,
-                                            cfg=model.config, linear=linear, tail=tail),
+                                            cfg=model.config, tail=tail),
                              np.float64)[:real])
   logp_BxR = np.concatenate(chunks)
   n_J = np.array([len(refs[j]) for j in shots])
