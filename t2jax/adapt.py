@@ -37,7 +37,7 @@ from t2jax.generation import Generation, generate
 from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 from t2jax.tasks.base import TaskError
-from t2jax.tasks.cls import OTHER, PROMPT_STYLES, classification_messages, question_text
+from t2jax.tasks.cls import OTHER, classification_messages, question_text
 from t2jax.tokenizer import encode_chats, encode_prompts
 
 ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"

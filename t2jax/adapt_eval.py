@@ -29,7 +29,7 @@ from t2jax import adapt, atomic, run_setup, stats
 from t2jax.expert import Expert
 from t2jax.generation import generate
 from t2jax.tasks import make_task
-from t2jax.tasks.cls import OTHER
+from t2jax.tasks.cls import OTHER, PROMPT_STYLES
 from t2jax.tokenizer import encode_chats
 
 KNOWN_STRATEGIES = ("base", "experts", "prompt", "cls_expert", "few_shot")
@@ -525,9 +525,9 @@ def setup(cfg, workdir: str, log: Callable[[str], None]) -> tuple[Context, list[
   unknown = sorted(set(strategies) - set(KNOWN_STRATEGIES))
   if unknown:
     raise ValueError(f"config.strategies has {unknown}; use some of {KNOWN_STRATEGIES}.")
-  if cfg.dispatch_prompt not in adapt.PROMPT_STYLES:
+  if cfg.dispatch_prompt not in PROMPT_STYLES:
     raise ValueError(f"config.dispatch_prompt {cfg.dispatch_prompt!r} is unknown; use one of "
-                     f"{adapt.PROMPT_STYLES}.")
+                     f"{PROMPT_STYLES}.")
   if "cls_expert" in strategies and not cfg.cls_expert:
     strategies.remove("cls_expert")  # nothing to score it with: the row is left out
   paths = parse_experts(cfg.experts)

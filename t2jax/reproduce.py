@@ -216,6 +216,7 @@ def reproduce(cfg, workdir: str) -> dict:
     specs["cls"] = cfg.cls
   for spec in specs.values():  # every config and override is checked before hours are spent
     training_config(spec)
+  own, target = own_suites(cfg, names), adapt_eval.target_suites(cfg)  # and every task
   plan = Plan(cfg, workdir, specs)
   os.makedirs(workdir, exist_ok=True)
   paths = {name: train_expert(name, specs[name], workdir, plan) for name in names}
@@ -225,8 +226,6 @@ def reproduce(cfg, workdir: str) -> dict:
   eval_cfg.experts = ",".join(f"{n}={p}" for n, p in paths.items())
   eval_cfg.cls_expert = cls_path or ""
   ctx, _ = adapt_eval.setup(eval_cfg, workdir, _log)
-  own = own_suites(cfg, names)
-  target = adapt_eval.target_suites(eval_cfg)
   plan.eval_units = eval_units(eval_cfg, own, target, len(paths))
   ctx.progress = plan.on_cell
   plan.report(f"evaluating: Table 1 on {[s.task_name for s in own]}, Table 2 on "
