@@ -3,9 +3,10 @@ forward pass of the base model over the same tokens (measured in the same run).
 
   python bench/rl_step.py [--prompts 16] [--samples 4] [--max-new 16] [--kl exact] [--repeats 3]
 
-Prints JSON. The update = policy log-probs + reference log-probs + gradient w.r.t. z + optax
-(rl.loss_fn under jax.grad, as in training); the plain forward = llama.full_logits over the
-B·G rows of prompt + completion (what a trainer without prefix sharing would run once).
+Prints JSON. The update = policy log-probs + reference log-probs + gradient w.r.t. z + optax:
+the program t2jax.programs builds for training, called as train.py calls it (the rollout too);
+the plain forward = llama.full_logits over the B·G rows of prompt + completion (what a
+trainer without prefix sharing would run once).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import rl, sampling, sharding, svf, trainer
+from t2jax import config_defaults, programs, run_setup, sampling, sharding, svf, trainer
 from t2jax.models import llama
 from t2jax.tasks.math import Arithmetic
 from t2jax.tokenizer import encode_chats
@@ -48,33 +49,36 @@ def main() -> None:
   task = Arithmetic(level=2)
   records = list(task.records("train"))[: args.prompts]
   prompts = encode_chats(model.tokenizer, [task.messages(r) for r in records])
-  dec = svf.decompose(model)
-  expert = t2jax.Expert.init(model)
-  settings = rl.RLSettings(kl=args.kl, baseline="leave_one_out" if args.samples > 1 else "none")
-  optimizer = trainer.make_optimizer(name="adam", lr=1e-3, schedule="constant", warmup_steps=0,
-                                     total_steps=10, weight_decay=0.0, grad_clip=1.0)
+  config = config_defaults.base_config()
+  config.update(dict(kl=args.kl, baseline="leave_one_out" if args.samples > 1 else "none",
+                     lr=1e-3, grad_clip=1.0, steps=10, temperature=1.0,
+                     batch_size=args.prompts, samples_per_prompt=args.samples,
+                     max_new_tokens=args.max_new))
+  # the update training runs: the program factory's, on params laid out as train.py lays them
+  setup = run_setup.Setup(cfg=config, model=model, task=task, dec=svf.decompose(model))
   mesh = sharding.make_mesh("data:-1")
-  step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=cfg, settings=settings,
-                                 optimizer=optimizer)
-  z_tree = expert.z_tree(model)
-  params_z = svf.materialise_jit(model.params, dec.factors, z_tree, parametrisation="scale",
-                                 max_mult=2.0)
-  sampler = sampling.Sampler(temperature=1.0, eos_ids=model.eos_ids)
+  setup.place(mesh)
+  params, factors = setup.params, setup.factors
+  progs = programs.build(config, cfg, params, factors, mesh=mesh,
+                         shapes=programs.Shapes.from_config(
+                             config, sampling.bucket_length(max(map(len, prompts)))),
+                         eos_ids=model.eos_ids)
+  state = progs.init_state(setup.init_z(), seed=0)
+  params_z = progs.materialise(params, factors, state.z)
   collect = lambda: trainer.collect(
       params_z, prompts, records, task=task, tokenizer=model.tokenizer, cfg=cfg,
-      sampler=sampler, samples=args.samples, max_new=args.max_new, seed=0,
-      pad_id=model.pad_id, eos_ids=model.eos_ids)
+      sampler=progs.sampler, samples=args.samples, max_new=args.max_new, seed=0,
+      pad_id=model.pad_id, eos_ids=model.eos_ids, mesh=mesh,
+      prompt_len=progs.shapes.prompt_len)
   got = collect()
   t_rollout = _timed(lambda: collect().rollouts.reward_N, args.repeats)
   batch = got.rollouts
   # every completion padded to the full max_new tokens, so both sides see the same shapes
   batch = batch.replace(completion_mask_NxC=np.ones_like(batch.completion_mask_NxC))
-  # placed as train.py places it: an uncommitted state would compile the update a second time
-  state = jax.device_put(trainer.init_state(z_tree, optimizer, seed=0), sharding.replicated(mesh))
 
   def update():
     nonlocal state
-    state, metrics = step_fn(state, batch, model.params, dec.factors)
+    state, metrics = progs.update(state, batch, params, factors)
     return metrics["loss"]
 
   t_update = _timed(update, args.repeats)
@@ -82,7 +86,7 @@ def main() -> None:
   mask = np.concatenate([np.repeat(batch.prompt_mask_BxP, args.samples, 0),
                          batch.completion_mask_NxC], 1)
   plain = jax.jit(lambda p, t, m: llama.full_logits(p, t, m, cfg=cfg))
-  t_forward = _timed(lambda: plain(model.params, rows, mask), args.repeats)
+  t_forward = _timed(lambda: plain(params, rows, mask), args.repeats)
   print(json.dumps({
       "prompts": args.prompts, "samples_per_prompt": args.samples,
       "prompt_len_padded": int(batch.prompt_BxP.shape[1]), "new_tokens": args.max_new,

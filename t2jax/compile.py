@@ -5,10 +5,13 @@ loaded: params, SVD factors, z and the optimizer state are abstract (shapes, dty
 shardings `t2jax.sharding` gives them on the config's mesh), and the programs one training
 step runs are compiled ahead of time for the topology by libtpu on this (CPU) machine:
 
-  update       trainer.make_step_fn: loss, gradient in z, optimizer (B·G rollouts)
-  materialise  svf.materialise_jit: the rollout params W' for the current z
+  update       trainer.train_step: loss, gradient in z, optimizer (B·G rollouts)
+  materialise  svf.materialise: the rollout params W' for the current z
   prefill      sampling.prefill of B·G rows, cache P + C rounded as sampling.run does
   decode       sampling.decode (the while loop over C new tokens)
+
+They are the programs training runs: t2jax.programs builds them, with their shardings and
+abstract inputs, for both.
 
 Per device, from XLA's buffer assignment (`compiled.memory_analysis()`):
 
@@ -48,7 +51,6 @@ compile, params, factors and arguments exactly).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -56,13 +58,13 @@ import re
 import sys
 import time
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from t2jax import rl, run_setup, sampling, sharding, svf, trainer
+from t2jax import programs as programs_lib
+from t2jax import run_setup, sampling, sharding, svf
 from t2jax.models import llama, presets
 from t2jax.models.config import ModelConfig
 from t2jax.weights import layout
@@ -189,11 +191,6 @@ def abstract_factors(params: dict, targets: str, rank: int | None) -> list:
   return factors
 
 
-def _with(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
-
-
 def largest_leaves(trees: dict, top: int = 4) -> list[dict]:
   """The `top` biggest per-device holdings, layers summed: which tensor to shard next."""
   groups: dict = {}
@@ -254,13 +251,12 @@ def _oom_bytes(message: str) -> int | None:
   return None
 
 
-def compile_program(name: str, what: str, jitted, args: tuple, kwargs: dict,
-                    other_live: int = 0):
-  """(Report, compiled or None). A program XLA rejects for lack of HBM is reported, not
-  raised."""
+def compile_program(name: str, what: str, program: programs_lib.Program, other_live: int = 0):
+  """(Report, compiled or None): `program` compiled on its abstract inputs. A program XLA
+  rejects for lack of HBM is reported, not raised."""
   t0 = time.perf_counter()
   try:
-    compiled = jitted.lower(*args, **kwargs).compile()
+    compiled = program.lower().compile()
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: RESOURCE_EXHAUSTED
     needed = _oom_bytes(str(e))
     if needed is None:
@@ -279,26 +275,8 @@ def compile_program(name: str, what: str, jitted, args: tuple, kwargs: dict,
   return rep, compiled
 
 
-def _abstract_outputs(compiled, fn, *args, **kwargs):
-  shapes = jax.eval_shape(functools.partial(fn, **kwargs), *args)
-  return _with(shapes, compiled.output_shardings)
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan.
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  batch: int  # B prompts per step
-  samples: int  # G completions per prompt
-  prompt_len: int  # P (a bucket_length)
-  max_new: int  # C
-  cache_len: int  # P + C rounded up to 64, as sampling.run allocates
-
-  @property
-  def rows(self) -> int:
-    return self.batch * self.samples
 
 
 def _auto_prompt_len(cfg, source: str) -> tuple[int, str]:
@@ -376,9 +354,8 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
     p, p_note = sampling.bucket_length(prompt_len), "--prompt_len"
   else:
     p, p_note = _auto_prompt_len(cfg, source)
-  c = int(cfg.max_new_tokens)
-  shapes = Shapes(batch=int(cfg.batch_size), samples=int(cfg.samples_per_prompt), prompt_len=p,
-                  max_new=c, cache_len=p + -(-c // 64) * 64)
+  shapes = programs_lib.Shapes.from_config(cfg, p)
+  c = shapes.max_new
   if shapes.cache_len > model_cfg.max_length:
     raise CompileUsageError(f"prompt {p} + {c} new tokens exceeds the model's "
                             f"{model_cfg.max_length} positions.")
@@ -392,68 +369,24 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
   if scanned:
     params = jax.eval_shape(llama.stack_layers, params)
     factors = jax.eval_shape(svf.stack_layers, factors)
-  params = _with(params, sharding.tree_shardings(params, mesh))
-  factors = _with(factors, sharding.tree_shardings(factors, mesh))
-  z_of = lambda f_layer: {b: {n: jax.ShapeDtypeStruct(x["s"].shape, jnp.float32)
-                               for n, x in names.items()} for b, names in f_layer.items()}
-  z = z_of(factors) if scanned else [z_of(f_layer) for f_layer in factors]
-  optimizer = trainer.make_optimizer(
-      name=cfg.optimizer, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-      total_steps=cfg.steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-  rep = sharding.replicated(mesh)
-  rows = sharding.batch_sharding(mesh)
-  state = jax.eval_shape(lambda z_: trainer.init_state(z_, optimizer, cfg.seed), z)
-  state = _with(state, jax.tree.map(lambda _: rep, state))
-  b, n = shapes.batch, shapes.rows
-  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rows)
-  mask = lambda *s: jax.ShapeDtypeStruct(s, jnp.bool_, sharding=rows)
-  rollouts = rl.Rollouts(prompt_BxP=i32(b, p), prompt_mask_BxP=mask(b, p),
-                         completion_NxC=i32(n, c), completion_mask_NxC=mask(n, c),
-                         reward_N=jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rows))
+  progs = programs_lib.build(cfg, model_cfg, params, factors, mesh=mesh, shapes=shapes,
+                             eos_ids=model_cfg.eos_token_ids)
+  state, _, params, factors = progs.update.args
   resident = {"params": per_device_bytes(params), "factors": per_device_bytes(factors),
               "train_state": per_device_bytes(state)}
   largest = largest_leaves({"params": params, "factors": factors})
-  step_fn = trainer.make_step_fn(mesh, params, factors, cfg=model_cfg, settings=settings,
-                                 optimizer=optimizer, num_microbatches=microbatches)
-
-  def update() -> list[Report]:
-    return [compile_program(
-        "update", f"train step on {b}×{shapes.samples} rollouts, {microbatches} microbatches",
-        step_fn, (state, rollouts, params, factors), {})[0]]
-
-  def rollout() -> list[Report]:
-    """materialise → prefill → decode: each program's inputs are the last one's outputs."""
-    mat_kw = dict(parametrisation=cfg.parametrisation, max_mult=float(cfg.max_mult))
-    z_rep = _with(z, jax.tree.map(lambda _: rep, z))
-    report, compiled = compile_program("materialise", "rollout params W' for z",
-                                       svf.materialise_jit, (params, factors, z_rep), mat_kw,
-                                       other_live=resident["train_state"])
-    out = [report]
-    if compiled is not None:
-      adapted = _abstract_outputs(compiled, svf.materialise, params, factors, z_rep, **mat_kw)
-    else:  # sized as the params, placed by the same rules
-      adapted = params
-    sampler = sampling.Sampler(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
-                               eos_ids=model_cfg.eos_token_ids)
-    while_sampling = sum(resident.values())
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    graphdef, model_state = nnx.split(llama.Llama.from_params(model_cfg, adapted))
-    pre_args = (model_state, i32(n, p), mask(n, p), i32(n),
-                jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
-    pre_kw = dict(graphdef=graphdef, sampler=sampler, cache_len=shapes.cache_len, max_new=c,
-                  mesh=mesh)
-    report, compiled = compile_program(
-        "prefill", f"{n} rows × {p} prompt tokens, cache {shapes.cache_len}", sampling.prefill,
-        pre_args, pre_kw, other_live=while_sampling)
-    out.append(report)
-    if compiled is not None:
-      decode_state = _abstract_outputs(compiled, sampling.prefill, *pre_args, **pre_kw)
-      out.append(compile_program(
-          "decode", f"{n} rows × {c} new tokens", sampling.decode,
-          (model_state, decode_state), dict(graphdef=graphdef, sampler=sampler, prompt_len=p),
-          other_live=while_sampling)[0])
-    return out
+  b, n = shapes.batch, shapes.rows
+  while_sampling = sum(resident.values())
+  update = lambda: [compile_program(
+      "update", f"train step on {b}×{shapes.samples} rollouts, {microbatches} microbatches",
+      progs.update)[0]]
+  rollout = lambda: [  # materialise → prefill → decode, each on the inputs the last one leaves
+      compile_program("materialise", "rollout params W' for z", progs.materialise,
+                      other_live=resident["train_state"])[0],
+      compile_program("prefill", f"{n} rows × {p} prompt tokens, cache {shapes.cache_len}",
+                      progs.prefill, other_live=while_sampling)[0],
+      compile_program("decode", f"{n} rows × {c} new tokens", progs.decode,
+                      other_live=while_sampling)[0]]
 
   if sum(resident.values()) > topo.hbm_bytes:  # no program can fit: say so without compiling
     why = (f"skipped: params, factors and train state alone take "
@@ -473,7 +406,8 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
       "topology": topo.name, "device_kind": topo.device_kind, "devices": len(topo.devices),
       "hbm_bytes": topo.hbm_bytes, "nominal_hbm_bytes": topo.nominal_hbm_bytes,
       "mesh": dict(mesh.shape), "microbatches": microbatches, "remat": settings.remat,
-      "shapes": {**dataclasses.asdict(shapes), "prompt_len_from": p_note},
+      "shapes": {**dataclasses.asdict(shapes), "cache_len": shapes.cache_len,
+                 "prompt_len_from": p_note},
       "resident_bytes": resident, "largest_resident": largest,
       "programs": [{**dataclasses.asdict(r), "fits": r.fits(topo.hbm_bytes)} for r in reports],
       "fits": fits,

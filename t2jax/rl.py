@@ -77,9 +77,10 @@ def advantages(reward_BxG: jnp.ndarray, baseline: str) -> jnp.ndarray:
   return reward_BxG - others
 
 
-def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
-                      remat: bool = False) -> jnp.ndarray:
-  """Float32 logits [N, C, V]: position t predicts completion token t."""
+def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig, remat: bool = False,
+                      mesh: jax.sharding.Mesh | None = None) -> jnp.ndarray:
+  """Float32 logits [N, C, V]: position t predicts completion token t. `mesh`: the one the
+  calling program is built for (activations kept split over its batch axes)."""
   b, p = batch.prompt_BxP.shape
   n, c = batch.completion_NxC.shape
   g = n // b
@@ -89,7 +90,7 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
   positions = llama.positions_from_mask(batch.prompt_mask_BxP)
   hidden_BxPxD, cache = llama.forward(params, batch.prompt_BxP, positions, cache,
                                       jnp.zeros((), jnp.int32), key_valid, cfg=cfg,
-                                      remat=remat)
+                                      remat=remat, mesh=mesh)
   rep = lambda x: jnp.repeat(x, g, axis=0)  # [B, ...] → [N, ...], prompt b's G rows together
   hidden_first_Nx1xD = rep(hidden_BxPxD[:, -1:])  # left padding: the prompt ends at slot P-1
   if c == 1:
@@ -99,7 +100,8 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig,
   start_N = rep(positions[:, -1] + 1)
   inputs_NxC1 = batch.completion_NxC[:, :-1]
   hidden_rest, _ = llama.forward(params, inputs_NxC1, start_N[:, None] + jnp.arange(c - 1), cache,
-                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg, remat=remat)
+                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg, remat=remat,
+                                 mesh=mesh)
   return llama.lm_head(params, jnp.concatenate([hidden_first_Nx1xD, hidden_rest], axis=1))
 
 
@@ -120,21 +122,22 @@ def batch_advantages(batch: Rollouts, baseline: str) -> jnp.ndarray:
 
 
 def loss_fn(z_tree: list, params: dict, factors: list, batch: Rollouts, *, cfg: ModelConfig,
-            settings: RLSettings) -> tuple[jnp.ndarray, dict]:
+            settings: RLSettings, mesh: jax.sharding.Mesh | None = None
+            ) -> tuple[jnp.ndarray, dict]:
   """REINFORCE loss (+ λ·KL) of the expert z on a batch of rollouts, and its metrics.
   Differentiable in z only: params and factors are constants (svf.materialise stops them)."""
   adapted = svf.materialise(params, factors, z_tree, parametrisation=settings.parametrisation,
                             max_mult=settings.max_mult)
-  return policy_loss(adapted, params, batch, cfg=cfg, settings=settings)
+  return policy_loss(adapted, params, batch, cfg=cfg, settings=settings, mesh=mesh)
 
 
 def policy_loss(adapted: dict, params: dict, batch: Rollouts, *, cfg: ModelConfig,
-                settings: RLSettings, adv_N: jnp.ndarray | None = None
-                ) -> tuple[jnp.ndarray, dict]:
+                settings: RLSettings, adv_N: jnp.ndarray | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[jnp.ndarray, dict]:
   """The loss of loss_fn given the policy's weights `adapted` (W' materialised) and the base
   `params` (the KL reference). `adv_N`: advantages computed over the larger batch this one is
   a microbatch of."""
-  logits = completion_logits(adapted, batch, cfg=cfg, remat=settings.remat)
+  logits = completion_logits(adapted, batch, cfg=cfg, remat=settings.remat, mesh=mesh)
   mask = batch.completion_mask_NxC
   logp_NxC = token_logprobs(logits, batch.completion_NxC)
   if adv_N is None:
@@ -147,7 +150,7 @@ def policy_loss(adapted: dict, params: dict, batch: Rollouts, *, cfg: ModelConfi
              "tokens": tokens.astype(jnp.float32)}
   loss = pg_loss
   if settings.kl != "off":
-    ref_logits = jax.lax.stop_gradient(completion_logits(params, batch, cfg=cfg))
+    ref_logits = jax.lax.stop_gradient(completion_logits(params, batch, cfg=cfg, mesh=mesh))
     if settings.kl == "exact":  # Σ_v π_z(v) (log π_z(v) − log π_base(v)) at every position
       logp_all = jax.nn.log_softmax(logits, axis=-1)
       kl_NxC = jnp.sum(jnp.exp(logp_all) * (logp_all - jax.nn.log_softmax(ref_logits, -1)), -1)

@@ -101,6 +101,35 @@ def bucket_length(n: int) -> int:
   return -(-n // step) * step
 
 
+def cache_length(prompt_len: int, max_new: int) -> int:
+  """Cache slots for prompts padded to `prompt_len` and `max_new` new tokens: the new tokens
+  rounded up to 64, so nearby max_new values share compiled programs."""
+  return prompt_len + -(-max_new // 64) * 64
+
+
+def static_args(graphdef: nnx.GraphDef, sampler: Sampler, prompt_len: int, max_new: int,
+                mesh=None) -> tuple[dict, dict]:
+  """prefill's and decode's static arguments for prompts padded to `prompt_len`: `run` and
+  the program factory (t2jax.programs) both take them from here, so the programs the fit
+  check compiles are the ones generation runs."""
+  return (dict(graphdef=graphdef, sampler=sampler, cache_len=cache_length(prompt_len, max_new),
+               max_new=max_new, mesh=mesh),
+          dict(graphdef=graphdef, sampler=sampler, prompt_len=prompt_len))
+
+
+def state_shardings(state: DecodeState, mesh) -> DecodeState:
+  """Where a DecodeState lives on `mesh`: the cache by the partition rules, every [B, ...]
+  leaf over the batch axes, the step counters and the key replicated. prefill leaves its
+  state so, which is the placement the program factory gives decode's abstract input."""
+  rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  split = lambda x: rows if x.ndim and x.shape[0] % sharding.batch_devices(mesh) == 0 else rep
+  return state.replace(
+      cache=sharding.tree_shardings({"cache": state.cache}, mesh)["cache"],
+      **{f: split(getattr(state, f)) for f in ("key_valid", "last_token", "position", "tokens",
+                                               "logprobs", "done", "limit")},
+      step=rep, min_new=rep, rng=rep)
+
+
 def _pick(sampler: Sampler, state: DecodeState, logits_BxV: jnp.ndarray) -> DecodeState:
   """Chooses the next token of every row from `logits_BxV` and records it."""
   rng, sub = jax.random.split(state.rng)
@@ -134,8 +163,8 @@ def prefill(state: nnx.State, tokens_BxT, mask_BxT, limit_B, min_new, rng, *,
         cache, sharding.tree_shardings({"cache": cache}, mesh)["cache"])
   key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask_BxT.astype(bool))
   positions = llama.positions_from_mask(mask_BxT)
-  with sharding.activations_over(mesh):
-    hidden, cache = model(tokens_BxT, positions, cache, jnp.zeros((), jnp.int32), key_valid)
+  hidden, cache = model(tokens_BxT, positions, cache, jnp.zeros((), jnp.int32), key_valid,
+                        mesh=mesh)
   logits_BxV = model.logits(hidden[:, -1:])[:, 0]
   state = DecodeState(
       step=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid,
@@ -143,7 +172,10 @@ def prefill(state: nnx.State, tokens_BxT, mask_BxT, limit_B, min_new, rng, *,
       tokens=jnp.full((b, max_new), -1, jnp.int32), logprobs=jnp.zeros((b, max_new), jnp.float32),
       done=jnp.zeros((b,), bool), limit=limit_B.astype(jnp.int32),
       min_new=jnp.asarray(min_new, jnp.int32), rng=rng)
-  return _pick(sampler, state, logits_BxV)
+  state = _pick(sampler, state, logits_BxV)
+  if mesh is not None:
+    state = jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
+  return state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "prompt_len"),
@@ -215,7 +247,6 @@ def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler,
   b = len(prompts)
   tokens, mask = left_pad(prompts, pad_id, prompt_len)
   t = tokens.shape[1]
-  new_bucket = -(-max_new // 64) * 64
   limit = np.full((b,), max_new, np.int32)
   if mesh is not None:
     tokens, mask, limit = sharding.global_batch((tokens, mask, limit), mesh)
@@ -223,10 +254,9 @@ def run(params, prompts: list[list[int]], *, cfg: ModelConfig, sampler: Sampler,
     graphdef, model_state = nnx.split(params)
   else:
     graphdef, model_state = llama.split_params(cfg, params, adapters)
-  state = prefill(model_state, tokens, mask, limit, min_new, jax.random.key(seed),
-                  graphdef=graphdef, sampler=sampler, cache_len=t + new_bucket, max_new=max_new,
-                  mesh=mesh)
-  state = decode(model_state, state, graphdef=graphdef, sampler=sampler, prompt_len=t)
+  pre, dec = static_args(graphdef, sampler, t, max_new, mesh)
+  state = prefill(model_state, tokens, mask, limit, min_new, jax.random.key(seed), **pre)
+  state = decode(model_state, state, **dec)
   if mesh is not None:
     return sharding.local_rows(state.tokens, mesh), sharding.local_rows(state.logprobs, mesh)
   return np.asarray(state.tokens), np.asarray(state.logprobs)

@@ -8,15 +8,14 @@ optimizer state are tiny and replicated.
 Batches are split over the batch axes (data × fsdp). With several processes, each holds the
 rows of its own devices: `process_rows` says which slice of the global batch that is,
 `global_batch` assembles the global arrays from every process's rows and `local_rows` reads a
-process's rows back. Activations follow the batch: while a program is traced for a mesh
-(`activations_over`), the model keeps each layer's input split over the batch axes
-(`constrain_rows`); left to XLA's propagation, FSDP-sharded weights can pull it into running
-the whole batch on every device.
+process's rows back. Activations follow the batch: a program built for a mesh passes it to the
+model explicitly, which keeps each layer's input split over the batch axes (`constrain_rows`);
+left to XLA's propagation, FSDP-sharded weights can pull it into running the whole batch on
+every device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
@@ -129,28 +128,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-_TRACING_FOR: list[Mesh] = []  # the meshes of the programs being traced, innermost last
-
-
-@contextlib.contextmanager
-def activations_over(mesh: Mesh | None):
-  """Enter inside a jitted function, around its body: while it is traced, `constrain_rows`
-  splits activations over `mesh`'s batch axes (None: a no-op, for single-device callers)."""
-  if mesh is not None:
-    _TRACING_FOR.append(mesh)
-  try:
-    yield
-  finally:
-    if mesh is not None:
-      _TRACING_FOR.pop()
-
-
-def constrain_rows(x_BxN: jax.Array) -> jax.Array:
-  """x split over the batch axes by its leading dimension, inside `activations_over`;
-  unchanged outside one or where the rows do not split evenly over the batch devices."""
-  if not _TRACING_FOR or x_BxN.shape[0] % batch_devices(_TRACING_FOR[-1]):
+def constrain_rows(x_BxN: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """Inside a program traced for `mesh`: x split over the batch axes by its leading
+  dimension. Unchanged for mesh None (single-device callers) or where the rows do not split
+  evenly over the batch devices."""
+  if mesh is None or x_BxN.shape[0] % batch_devices(mesh):
     return x_BxN
-  return jax.lax.with_sharding_constraint(x_BxN, batch_sharding(_TRACING_FOR[-1]))
+  return jax.lax.with_sharding_constraint(x_BxN, batch_sharding(mesh))
 
 
 def batch_devices(mesh: Mesh) -> int:

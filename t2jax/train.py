@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import atomic, checkpoint, data, distributed, evaluate, reporting, run_setup, sampling, sharding, trainer
+from t2jax import (atomic, checkpoint, data, distributed, evaluate, programs, reporting,
+                   run_setup, sampling, sharding, trainer)
 
 
 class TrainingError(RuntimeError):
@@ -54,14 +55,6 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   setup.place(mesh)
   params, factors = setup.params, setup.factors
-  settings = run_setup.rl_settings(cfg)
-  optimizer = trainer.make_optimizer(
-      name=cfg.optimizer, lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-      total_steps=cfg.steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-  state = jax.device_put(trainer.init_state(setup.init_z(), optimizer, cfg.seed),
-                         sharding.replicated(mesh))
-  step_fn = trainer.make_step_fn(mesh, params, factors, cfg=model.config, settings=settings,
-                                 optimizer=optimizer, num_microbatches=cfg.microbatches)
   # this process's slice of each global batch: the rows its devices hold
   loader_index, loader_count = sharding.process_rows(mesh, cfg.batch_size)
   loader = data.RecordLoader(len(train_recs), global_batch=cfg.batch_size, seed=cfg.seed,
@@ -69,6 +62,10 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   # one padded prompt length for the run: every process must agree on it, and one shape
   # means one compiled sampler and update
   prompt_len = sampling.bucket_length(max(map(len, train_prompts)))
+  progs = programs.build(cfg, model.config, params, factors, mesh=mesh,
+                         shapes=programs.Shapes.from_config(cfg, prompt_len),
+                         eos_ids=model.eos_ids)
+  state = progs.init_state(setup.init_z(), cfg.seed)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, state)
@@ -92,18 +89,18 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if os.path.isdir(best_path):
     best_val = t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
 
-  sampler = sampling.Sampler(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
-                             eos_ids=model.eos_ids)
   log = reporting.RunLog(workdir, total_steps=cfg.steps, start_step=start, enabled=lead,
                          progress=progress)
   with log:
     for step in range(start, cfg.steps):
       idx = next(loader)
       t0 = time.perf_counter()
+      # sampling.run runs progs.prefill and progs.decode: the same jitted functions with the
+      # same static arguments (sampling.static_args)
       got = trainer.collect(
-          setup.adapted_params(state.z), [train_prompts[i] for i in idx],
+          progs.materialise(params, factors, state.z), [train_prompts[i] for i in idx],
           [train_recs[i] for i in idx], task=task, tokenizer=model.tokenizer, cfg=model.config,
-          sampler=sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
+          sampler=progs.sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
           seed=trainer.rollout_seed(state.rng, step), pad_id=model.pad_id,
           eos_ids=model.eos_ids, mesh=mesh, prompt_len=prompt_len)
       t1 = time.perf_counter()
@@ -116,7 +113,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
         raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
                             f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
                             f"{ckpt.directory}.")
-      state, metrics = step_fn(state, sharding.global_batch(got.rollouts, mesh), params, factors)
+      state, metrics = progs.update(state, sharding.global_batch(got.rollouts, mesh), params,
+                                    factors)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       t2 = time.perf_counter()
       if not all(map(math.isfinite, metrics.values())):

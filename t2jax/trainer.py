@@ -1,14 +1,16 @@
 """The RL training state and its two phases: rollouts (sample, score) and the update (one jit).
 
     state = TrainState(step, z, opt_state, rng)
-    rollouts = collect(model, params_z, prompts, task, records, ...)    # host: sampler + rewards
-    state, metrics = step_fn(state, rollouts, params, factors)         # device: one jax.jit
+    rollouts = collect(params_z, prompts, records, task=task, ...)      # host: sampler + rewards
+    state, metrics = update(state, rollouts, params, factors)          # device: one jit
+
+`update` is `train_step` as t2jax.programs jits it, with its shardings, for a mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t2jax import rl, sampling, sharding, svf
+from t2jax import rl, sampling, svf
 from t2jax.models.config import ModelConfig
 
 
@@ -74,7 +76,8 @@ def microbatches(batch: rl.Rollouts, adv_N: jnp.ndarray,
 
 
 def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts, k: int, *,
-                       cfg: ModelConfig, settings: rl.RLSettings) -> tuple[list, dict]:
+                       cfg: ModelConfig, settings: rl.RLSettings,
+                       mesh: jax.sharding.Mesh | None) -> tuple[list, dict]:
   """Gradient accumulation over k microbatches, the activations (the [rows, C, vocab] logits
   above all) of one at a time. W'(z) is built once: the loop accumulates dL/dW' of the
   targeted kernels and one VJP through materialise turns the sum into dL/dz. Advantages are
@@ -89,7 +92,7 @@ def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts,
 
   def one(chunk):
     loss = lambda ks: rl.policy_loss(svf.with_kernels(params, ks), params, chunk[0], cfg=cfg,
-                                     settings=settings, adv_N=chunk[1])
+                                     settings=settings, adv_N=chunk[1], mesh=mesh)
     g, m = jax.grad(loss, has_aux=True)(kernels)
     # per-token means are weighted by their microbatch's token count
     return g, {n: v * m["tokens"] if n in rl.PER_TOKEN_METRICS else v for n, v in m.items()}
@@ -105,42 +108,24 @@ def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts,
   return grads, {n: v / count.get(n, k) for n, v in metrics.items()}
 
 
-def _train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
-                cfg: ModelConfig, settings: rl.RLSettings,
-                optimizer: optax.GradientTransformation,
-                num_microbatches: int = 1) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
+               cfg: ModelConfig, settings: rl.RLSettings,
+               optimizer: optax.GradientTransformation, num_microbatches: int = 1,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict]:
+  """One update: loss, gradient in z, optimizer. With num_microbatches > 1 the gradient is
+  accumulated over that many slices of the batch (the same update up to float rounding, for
+  a fraction of the activation memory). `mesh`: the one the program is built for, whose batch
+  axes the activations stay split over. Jitted, with its shardings, by t2jax.programs."""
   if num_microbatches == 1:
     grads, metrics = jax.grad(rl.loss_fn, has_aux=True)(state.z, params, factors, batch,
-                                                        cfg=cfg, settings=settings)
+                                                        cfg=cfg, settings=settings, mesh=mesh)
   else:
     grads, metrics = _accumulated_grads(state.z, params, factors, batch, num_microbatches,
-                                        cfg=cfg, settings=settings)
+                                        cfg=cfg, settings=settings, mesh=mesh)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.z)
   z = optax.apply_updates(state.z, updates)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, z=z, opt_state=opt_state), metrics
-
-
-def make_step_fn(mesh, params: dict, factors: list, *, cfg: ModelConfig,
-                 settings: rl.RLSettings, optimizer: optax.GradientTransformation,
-                 num_microbatches: int = 1) -> Callable:
-  """The update as one jit: state and metrics replicated, rollouts split over the batch axes,
-  params and factors placed by the partition rules; the old state is donated. With
-  num_microbatches > 1 the gradient is accumulated over that many slices of the batch (the
-  same update up to float rounding, for a fraction of the activation memory)."""
-  rep = sharding.replicated(mesh)
-  rows = sharding.batch_sharding(mesh)
-
-  def step(state, batch, params, factors):
-    with sharding.activations_over(mesh):  # activations split like the rows, microbatches too
-      return _train_step(state, batch, params, factors, cfg=cfg, settings=settings,
-                         optimizer=optimizer, num_microbatches=num_microbatches)
-
-  return jax.jit(
-      step,
-      in_shardings=(rep, rows, sharding.tree_shardings(params, mesh),
-                    sharding.tree_shardings(factors, mesh)),
-      out_shardings=(rep, rep), donate_argnums=(0,))
 
 
 def rollout_seed(state_rng: np.ndarray, step: int) -> int:

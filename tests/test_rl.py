@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import t2jax
-from t2jax import rl, sampling, svf, trainer
+from t2jax import config_defaults, programs, rl, sampling, sharding, svf, trainer
 from t2jax.models import llama
 
 
@@ -146,19 +146,26 @@ def test_gradient_matches_finite_differences(tiny):
   np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
 
 
+def _programs(model, dec, batch: rl.Rollouts, **config) -> programs.Programs:
+  """The factory's programs for the tiny model on one device, for steps shaped like `batch`,
+  with `config` over the defaults."""
+  cfg = config_defaults.base_config()
+  cfg.update(config)
+  (b, p), (n, c) = batch.prompt_BxP.shape, batch.completion_NxC.shape
+  return programs.build(cfg, model.config, model.params, dec.factors,
+                        mesh=sharding.make_mesh("data:-1"), eos_ids=model.eos_ids,
+                        shapes=programs.Shapes(batch=b, samples=n // b, prompt_len=p, max_new=c))
+
+
 def test_train_step_moves_only_z_and_counts(tiny):
   model, dec = tiny
   batch = _rollouts(np.random.default_rng(4))
-  opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="cosine", warmup_steps=1,
-                               total_steps=4, weight_decay=0.0, grad_clip=1.0)
-  from t2jax import sharding  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh("data:-1")
-  step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=model.config,
-                                 settings=rl.RLSettings(baseline="none"), optimizer=opt)
+  progs = _programs(model, dec, batch, lr=1e-2, schedule="cosine", warmup_steps=1, steps=4,
+                    grad_clip=1.0, baseline="none")
   z0 = t2jax.Expert.init(model).z_tree(model)
-  state = trainer.init_state(z0, opt, seed=0)
+  state = progs.init_state(z0, seed=0)
   for _ in range(2):
-    state, metrics = step_fn(state, batch, model.params, dec.factors)
+    state, metrics = progs.update(state, batch, model.params, dec.factors)
   assert int(state.step) == 2
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state.z),
                                                              jax.tree.leaves(z0)))
@@ -174,21 +181,17 @@ def test_microbatched_and_rematerialised_updates_equal_the_whole_batch(tiny, bas
   rng = np.random.default_rng(5)
   batch = _rollouts(rng, b=4, g=2)
   batch = batch.replace(reward_N=rng.normal(size=8).astype(np.float32))
-  opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="constant", warmup_steps=0,
-                               total_steps=1, weight_decay=0.0, grad_clip=0.0)
-  from t2jax import sharding  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh("data:-1")
   z0 = jax.tree.map(np.asarray, _z(model, rng, 0.05))  # host copies: the update donates
   out = {}
   for k, remat in ((1, False), (2, False), (4, False), (1, True), (2, True)):
-    settings = rl.RLSettings(baseline=baseline, kl="exact", kl_coef=0.1, remat=remat)
-    step_fn = trainer.make_step_fn(mesh, model.params, dec.factors, cfg=model.config,
-                                   settings=settings, optimizer=opt, num_microbatches=k)
-    state0 = trainer.init_state(z0, opt, seed=0)
+    progs = _programs(model, dec, batch, lr=1e-2, schedule="constant", steps=1,
+                      grad_clip=0.0, baseline=baseline, kl="exact", kl_coef=0.1, remat=remat,
+                      microbatches=k)
+    state0 = progs.init_state(z0, seed=0)
     # remat must reach the program: one checkpoint per decoder layer and forward pass
-    jaxpr = str(jax.make_jaxpr(step_fn)(state0, batch, model.params, dec.factors))
+    jaxpr = str(jax.make_jaxpr(progs.update)(state0, batch, model.params, dec.factors))
     assert bool(re.search(r"\b(remat2|checkpoint)\[", jaxpr)) == remat, (k, remat)
-    state, metrics = step_fn(state0, batch, model.params, dec.factors)
+    state, metrics = progs.update(state0, batch, model.params, dec.factors)
     out[k, remat] = (jax.tree.leaves(state.z), metrics)
   for key in ((2, False), (4, False), (1, True), (2, True)):
     for a, b in zip(out[1, False][0], out[key][0]):

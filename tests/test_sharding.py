@@ -68,7 +68,7 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 import t2jax
-from t2jax import rl, sharding, svf, trainer
+from t2jax import config_defaults, programs, rl, sharding, svf
 model = t2jax.load_model(sys.argv[1])
 dec = svf.decompose(model, cache=False, progress=False)
 rng = np.random.default_rng(0)
@@ -78,23 +78,23 @@ batch = rl.Rollouts(prompt_BxP=rng.integers(2, 300, (b, p)).astype(np.int32),
                     completion_NxC=rng.integers(2, 300, (b * g, c)).astype(np.int32),
                     completion_mask_NxC=np.ones((b * g, c), bool),
                     reward_N=rng.choice([-1.0, 1.0], b * g).astype(np.float32))
-opt = trainer.make_optimizer(name="adam", lr=1e-2, schedule="constant", warmup_steps=0,
-                             total_steps=2, weight_decay=0.0, grad_clip=1.0)
+cfg = config_defaults.base_config()
+cfg.update(dict(lr=1e-2, schedule="constant", steps=2, grad_clip=1.0, baseline="leave_one_out"))
+shapes = programs.Shapes(batch=b, samples=g, prompt_len=p, max_new=c)
 out = {}
 for spec, k in (("data:1,fsdp:1,tensor:1", 1), ("data:2,fsdp:2,tensor:2", 1),
                 ("data:2,fsdp:2,tensor:2", 2)):  # k: microbatches, each keeping the batch split
   devices = jax.devices()[: 1 if spec.startswith("data:1") else 8]
   mesh = sharding.make_mesh(spec, devices)
-  params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
-  factors = jax.device_put(dec.factors, sharding.tree_shardings(dec.factors, mesh))
-  step = trainer.make_step_fn(mesh, params, factors, cfg=model.config,
-                              settings=rl.RLSettings(baseline="leave_one_out"), optimizer=opt,
-                              num_microbatches=k)
-  state = jax.device_put(trainer.init_state(t2jax.Expert.init(model).z_tree(model), opt, 0),
-                         sharding.replicated(mesh))
+  cfg.microbatches = k
+  progs = programs.build(cfg, model.config, model.params, dec.factors, mesh=mesh,
+                         shapes=shapes, eos_ids=model.eos_ids)
+  _, rows, params_sh, factors_sh = progs.update.in_shardings
+  params = jax.device_put(model.params, params_sh)
+  factors = jax.device_put(dec.factors, factors_sh)
+  state = progs.init_state(t2jax.Expert.init(model).z_tree(model), 0)
   for _ in range(2):
-    state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)),
-                          params, factors)
+    state, metrics = progs.update(state, jax.device_put(batch, rows), params, factors)
   out[f"{spec} k={k}"] = [np.asarray(x).tolist() for x in jax.tree.leaves(state.z)]
 print(json.dumps(out))
 """
@@ -201,19 +201,59 @@ mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
 x = jax.device_put(jnp.ones((8, 3)), NamedSharding(mesh, P()))  # replicated rows
 
 def inside(x):
-  with sharding.activations_over(mesh):
-    return sharding.constrain_rows(x * 2), sharding.constrain_rows(x[:3] * 2)
+  return sharding.constrain_rows(x * 2, mesh), sharding.constrain_rows(x[:3] * 2, mesh)
 
 rows, odd = jax.jit(inside)(x)
-plain = jax.jit(lambda x: sharding.constrain_rows(x * 2))(x)
+plain = jax.jit(lambda x: sharding.constrain_rows(x * 2, None))(x)
 print(json.dumps({"rows": str(rows.sharding.spec), "odd": str(odd.sharding.spec),
-                  "plain": str(plain.sharding.spec), "left": len(sharding._TRACING_FOR)}))
+                  "plain": str(plain.sharding.spec)}))
 """
 
 
-def test_activations_are_split_over_the_batch_axes_while_tracing_for_a_mesh():
+def test_activations_are_split_over_the_batch_axes_of_the_mesh_passed():
   got = _run_on_8_devices(_ROWS_SCRIPT)
   assert got["rows"] == str(sharding.batch_sharding(sharding.make_mesh("data:1")).spec)
-  # 3 rows do not split 4 ways; outside activations_over nothing is constrained
+  # 3 rows do not split 4 ways; without a mesh nothing is constrained
   assert got["odd"] == got["plain"] == str(jax.sharding.PartitionSpec())
-  assert got["left"] == 0
+
+
+_FACTORY_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+import t2jax
+from t2jax import config_defaults, programs, sampling, sharding, svf
+model = t2jax.load_model(sys.argv[1])
+dec = svf.decompose(model, cache=False, progress=False)
+mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+cfg = config_defaults.base_config()
+cfg.update(dict(batch_size=4, samples_per_prompt=2, max_new_tokens=12, temperature=1.0))
+progs = programs.build(cfg, model.config, model.params, dec.factors, mesh=mesh,
+                       shapes=programs.Shapes.from_config(cfg, prompt_len=16),
+                       eos_ids=model.eos_ids)
+lowered = {}  # what sampling.run lowers and runs, as training's rollouts call it
+
+def spy(name, real):
+  def call(*args, **kwargs):
+    lowered[name] = real.lower(*args, **kwargs).as_text()
+    return real(*args, **kwargs)
+  return call
+
+sampling.prefill, sampling.decode = spy("prefill", sampling.prefill), spy("decode", sampling.decode)
+params = jax.device_put(model.params, sharding.tree_shardings(model.params, mesh))
+z = jax.device_put(t2jax.Expert.init(model).z_tree(model), sharding.replicated(mesh))
+adapted = progs.materialise(params, jax.device_put(dec.factors, progs.update.in_shardings[3]), z)
+rng = np.random.default_rng(0)
+prompts = [rng.integers(2, 300, n).tolist() for n in (5, 9, 3, 7, 16, 2, 11, 4)]
+sampling.run(adapted, prompts, cfg=model.config, sampler=progs.sampler, max_new=12, seed=1,
+             mesh=mesh, prompt_len=16)
+print(json.dumps({
+    name: lowered[name] == getattr(progs, name).lower().as_text() for name in lowered}))
+"""
+
+
+def test_the_factory_sampler_programs_are_the_ones_rollouts_run(checkpoint):
+  """The prefill and decode the program factory hands compile.py lower, on its abstract
+  inputs, to exactly the programs sampling.run lowers on a training step's arrays: the same
+  static arguments, shapes, dtypes and shardings (decode's input is prefill's output)."""
+  path, _ = checkpoint("llama")
+  assert _run_on_8_devices(_FACTORY_SCRIPT, path) == {"prefill": True, "decode": True}

@@ -246,7 +246,8 @@ class Llama(nnx.Module):
     return KVCache.zeros(self.cfg, batch, length, self.dtype, stacked=self.scanned)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, write_index, key_valid_BxS, *,
-               visible_BxTxS=None, remat: bool = False) -> tuple[jax.Array, KVCache]:
+               visible_BxTxS=None, remat: bool = False,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """See `forward`."""
     t = tokens_BxT.shape[1]
     s = cache.slots
@@ -261,7 +262,7 @@ class Llama(nnx.Module):
 
       def body(x, xs):  # one layer: its slice of the stacked state and of the cache
         layer_state, k_cache, v_cache = xs
-        x = sharding.constrain_rows(x)
+        x = sharding.constrain_rows(x, mesh)
         layer = nnx.merge(graphdef, shared, layer_state)
         x, k_cache, v_cache = layer(x, k_cache, v_cache, *rest)
         return x, (k_cache, v_cache)
@@ -272,7 +273,7 @@ class Llama(nnx.Module):
     call = nnx.remat(_call_layer) if remat else _call_layer
     k_out, v_out = [], []
     for i, layer in enumerate(self.layers):
-      x = sharding.constrain_rows(x)  # the saved (remat) input of each layer, rows split
+      x = sharding.constrain_rows(x, mesh)  # the saved (remat) input of each layer, rows split
       x, k_cache, v_cache = call(layer, x, cache.k[i], cache.v[i], *rest)
       k_out.append(k_cache)
       v_out.append(v_cache)
@@ -387,6 +388,7 @@ def forward(
     adapters: Any = None,
     remat: bool = False,
     visible_BxTxS: jnp.ndarray | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
   """Runs the decoder on T new tokens per row and writes their K/V at cache slots
   [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
@@ -397,9 +399,12 @@ def forward(
   pass (jax.checkpoint): activation memory of one layer instead of all, for a second forward.
   visible_BxTxS: replaces the causal rule above with an explicit mask (several continuations
   of one context in one call, each seeing only itself: adapt's label scoring).
+  mesh: the mesh the calling program is built for: each layer's input is kept split over its
+  batch axes (sharding.constrain_rows); None leaves placement to XLA.
   """
   return build(cfg, params, adapters)(tokens_BxT, positions_BxT, cache, write_index,
-                                      key_valid_BxS, visible_BxTxS=visible_BxTxS, remat=remat)
+                                      key_valid_BxS, visible_BxTxS=visible_BxTxS, remat=remat,
+                                      mesh=mesh)
 
 
 def lm_head(params: dict, hidden_BxTxD: jnp.ndarray) -> jnp.ndarray:
