@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import chex
+import numpy as np
+
 from t2jax import expert as expert_lib
 from t2jax import sampling
 from t2jax.model import Model
@@ -71,6 +74,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int, min_new_tokens: int 
   tokens, logprobs = sampling.run(params, token_prompts, cfg=model.config, sampler=sampler,
                                   max_new=max_new_tokens, min_new=min_new_tokens, seed=seed,
                                   pad_id=model.pad_id, adapters=adapters)
+  chex.assert_shape([tokens, logprobs], (len(token_prompts), max_new_tokens))
+  chex.assert_type([tokens, logprobs], [np.int32, np.float32])
   ids = sampling.completion_ids(tokens, model.eos_ids)
   lps = [[float(x) for x in row_l[:len(row_ids)]] for row_ids, row_l in zip(ids, logprobs)]
   texts = ([model.tokenizer.decode(t, skip_special_tokens=True) for t in ids]

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,11 @@ class Model:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _logits(params, tokens_BxT, mask_BxT, adapters, *, cfg):
-  return llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg, adapters=adapters)
+  chex.assert_equal_shape([tokens_BxT, mask_BxT])
+  logits_BxTxV = llama.full_logits(params, tokens_BxT, mask_BxT, cfg=cfg, adapters=adapters)
+  chex.assert_shape(logits_BxTxV, (*tokens_BxT.shape, cfg.vocab_size))
+  chex.assert_type(logits_BxTxV, jnp.float32)
+  return logits_BxTxV
 
 
 def load_model(source: str | None = None, *, dtype: str = "float32") -> Model:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import chex
 import flax.nnx as nnx
 import flax.struct
 import jax
@@ -157,6 +158,8 @@ def prefill(state: nnx.State, tokens_BxT, mask_BxT, limit_B, min_new, rng, *,
   """Runs the prompts of the model nnx.merge(graphdef, state) and picks the first token."""
   model = nnx.merge(graphdef, state)
   b, t = tokens_BxT.shape
+  chex.assert_equal_shape([tokens_BxT, mask_BxT])
+  chex.assert_shape(limit_B, (b,))
   cache = model.empty_cache(b, cache_len)
   if mesh is not None:  # placed by the partition rules; decode's loop keeps the placement
     cache = jax.lax.with_sharding_constraint(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,18 @@ def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts,
   return grads, {n: v / count.get(n, k) for n, v in metrics.items()}
 
 
+def _check_rollouts(batch: rl.Rollouts) -> None:
+  """B prompts [B, P], N = B·G completions [N, C], their masks alike, one reward per row."""
+  chex.assert_rank([batch.prompt_BxP, batch.completion_NxC], 2)
+  chex.assert_equal_shape([batch.prompt_BxP, batch.prompt_mask_BxP])
+  chex.assert_equal_shape([batch.completion_NxC, batch.completion_mask_NxC])
+  chex.assert_shape(batch.reward_N, batch.completion_NxC.shape[:1])
+  chex.assert_is_divisible(batch.completion_NxC.shape[0], batch.prompt_BxP.shape[0])
+  chex.assert_type([batch.prompt_BxP, batch.prompt_mask_BxP, batch.completion_NxC,
+                    batch.completion_mask_NxC, batch.reward_N],
+                   [jnp.int32, bool, jnp.int32, bool, jnp.float32])
+
+
 def train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
                cfg: ModelConfig, settings: rl.RLSettings,
                optimizer: optax.GradientTransformation, num_microbatches: int = 1,
@@ -116,14 +129,18 @@ def train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: lis
   accumulated over that many slices of the batch (the same update up to float rounding, for
   a fraction of the activation memory). `mesh`: the one the program is built for, whose batch
   axes the activations stay split over. Jitted, with its shardings, by t2jax.programs."""
+  _check_rollouts(batch)
+  chex.assert_type(jax.tree.leaves(state.z), jnp.float32)
   if num_microbatches == 1:
     grads, metrics = jax.grad(rl.loss_fn, has_aux=True)(state.z, params, factors, batch,
                                                         cfg=cfg, settings=settings, mesh=mesh)
   else:
     grads, metrics = _accumulated_grads(state.z, params, factors, batch, num_microbatches,
                                         cfg=cfg, settings=settings, mesh=mesh)
+  chex.assert_trees_all_equal_shapes(grads, state.z)  # a gradient for z and nothing else
   updates, opt_state = optimizer.update(grads, state.opt_state, state.z)
   z = optax.apply_updates(state.z, updates)
+  chex.assert_trees_all_equal_shapes_and_dtypes(z, state.z)  # the layout checkpoints hold
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, z=z, opt_state=opt_state), metrics
 

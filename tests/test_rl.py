@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +174,20 @@ def test_train_step_moves_only_z_and_counts(tiny):
   assert np.isfinite(float(metrics["grad_norm"]))
 
 
+def test_update_refuses_rollouts_of_the_wrong_shape_or_dtype(tiny):
+  """chex at the update's boundary: a malformed batch fails while the program is traced,
+  naming the check, instead of broadcasting into a wrong loss."""
+  model, dec = tiny
+  batch = _rollouts(np.random.default_rng(6))
+  progs = _programs(model, dec, batch, baseline="none")
+  state = progs.init_state(t2jax.Expert.init(model).z_tree(model), seed=0)
+  for bad in (batch.replace(reward_N=batch.reward_N[:-1]),
+              batch.replace(completion_mask_NxC=batch.completion_mask_NxC[:, :-1]),
+              batch.replace(prompt_mask_BxP=batch.prompt_mask_BxP.astype(np.int32))):
+    with pytest.raises(AssertionError, match=r"\[Chex\] Assertion assert_"):
+      progs.update(state, bad, model.params, dec.factors)
+
+
 @pytest.mark.parametrize("baseline", ["batch_mean", "leave_one_out"])
 def test_microbatched_and_rematerialised_updates_equal_the_whole_batch(tiny, baseline):
   """Gradient accumulation over 2 and 4 microbatches (advantages still over the whole batch),
@@ -193,11 +208,10 @@ def test_microbatched_and_rematerialised_updates_equal_the_whole_batch(tiny, bas
     assert bool(re.search(r"\b(remat2|checkpoint)\[", jaxpr)) == remat, (k, remat)
     state, metrics = progs.update(state0, batch, model.params, dec.factors)
     out[k, remat] = (jax.tree.leaves(state.z), metrics)
+  names = ("loss", "kl", "logp_per_token", "tokens", "grad_norm")
+  metrics = lambda key: {n: out[key][1][n] for n in names}
   for key in ((2, False), (4, False), (1, True), (2, True)):
-    for a, b in zip(out[1, False][0], out[key][0]):
-      np.testing.assert_allclose(b, a, atol=1e-6, err_msg=str(key))
-    for name in ("loss", "kl", "logp_per_token", "tokens", "grad_norm"):
-      np.testing.assert_allclose(out[key][1][name], out[1, False][1][name], rtol=1e-5,
-                                 err_msg=f"{name} {key}")
+    chex.assert_trees_all_close(out[key][0], out[1, False][0], rtol=1e-7, atol=1e-6)
+    chex.assert_trees_all_close(metrics(key), metrics((1, False)), rtol=1e-5)
   with pytest.raises(ValueError, match="microbatches=3 does not divide the batch of 4"):
     trainer.microbatches(jax.tree.map(jnp.asarray, batch), jnp.zeros(8), 3)
