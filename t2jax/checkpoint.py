@@ -14,12 +14,25 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from t2jax.models import llama
+
 # Config keys that change what the saved state means or the optimizer that continues it
 # (grad_clip adds a link to the optax chain; lr, schedule, warmup and weight decay change the
-# steps still to come); any other key may change on resume (e.g. another `eval_every`).
+# steps still to come; scan_layers stacks z and the optimizer state over layers, another
+# tree); any other key may change on resume (e.g. another `eval_every`).
 COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "targets", "rank",
                       "parametrisation", "max_mult", "optimizer", "batch_size", "seed",
-                      "grad_clip", "lr", "schedule", "warmup_steps", "weight_decay")
+                      "grad_clip", "lr", "schedule", "warmup_steps", "weight_decay",
+                      "scan_layers")
+# What a checkpoint saved before a key existed was made with.
+_BEFORE_THE_KEY = {"scan_layers": False}  # layers were unrolled
+
+
+def _value(config: dict, key: str):
+  value = config.get(key, _BEFORE_THE_KEY.get(key))
+  if key == "scan_layers":  # compared as the layout it gives, "auto" resolved on this backend
+    value = llama.scan_enabled(value)  # (train.py saves it resolved; a saved "auto" is older)
+  return value
 
 
 def _compared_keys(saved_config: dict) -> list[str]:
@@ -52,12 +65,13 @@ class Checkpoints:
     saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     saved = saved["meta"]
     diffs = [k for k in _compared_keys(saved["config"])
-             if saved["config"].get(k) != config.get(k)]
+             if _value(saved["config"], k) != _value(config, k)]
     if saved["fingerprint"] != fingerprint:
       diffs.append("model weights (fingerprint)")
     if diffs:
-      detail = "; ".join(f"{k}: saved {saved['config'].get(k)!r}, now {config.get(k)!r}"
-                         for k in diffs if k in config)
+      detail = "; ".join(
+          f"{k}: saved {_value(saved['config'], k)!r}, now {_value(config, k)!r}"
+          for k in diffs if k in config)
       raise CheckpointError(
           f"{self.directory} holds a checkpoint (step {step}) of an incompatible run: "
           f"{', '.join(diffs)} differ ({detail}). Use another --workdir, or delete that "

@@ -47,7 +47,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
                "test": run_setup.eval_subset(task.records("test"), cfg.test_size)}
   train_prompts = setup.encode(train_recs)  # tokenised once per run
   eval_prompts = {split: setup.encode(recs) for split, recs in eval_recs.items()}
-  config_dict = cfg.to_dict()
+  # saved with each checkpoint; scan_layers as the layout it resolved to ("auto" resolves
+  # differently on another backend, and the stacked state does not restore as a list)
+  config_dict = {**cfg.to_dict(), "scan_layers": setup.scanned}
   ckpt = checkpoint.Checkpoints(cfg.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                 keep=cfg.keep_checkpoints)
   ckpt.check_compatible(config_dict, model.fingerprint)

@@ -78,6 +78,30 @@ def test_incompatible_workdir_is_refused_and_kept(chat_model_dir, tmp_path):
     train(tiny_config(chat_model_dir, steps=4, grad_clip=0.0), workdir, progress=False)
   with pytest.raises(checkpoint.CheckpointError, match="lr"):
     train(tiny_config(chat_model_dir, steps=4, lr=0.5), workdir, progress=False)
+  # z and the optimizer state were saved per layer ("auto" unrolls on the CPU); stacked for
+  # scanned layers they are another tree ("True" as --config.scan_layers=True sets it)
+  with pytest.raises(checkpoint.CheckpointError, match=r"scan_layers.*saved False, now True"):
+    train(tiny_config(chat_model_dir, steps=4, scan_layers="True"), workdir, progress=False)
+
+
+def test_checkpoints_compare_the_layer_layout_they_hold(tmp_path):
+  """scan_layers is compared as the layout it resolves to: a checkpoint saved before the key
+  existed holds unrolled layers, and an "auto" saved before it was resolved counts as this
+  backend's."""
+  base = {"model": "m", "seed": 0}
+  for i, (saved, ok, refused) in enumerate([
+      (base, (False, "auto"), (True,)),  # older than scan_layers: unrolled
+      ({**base, "scan_layers": "auto"}, (False, "auto"), (True,)),  # on this CPU backend
+      ({**base, "scan_layers": True}, (True,), (False, "auto"))]):
+    ckpt = checkpoint.Checkpoints(str(tmp_path / str(i)))
+    ckpt.save(1, {"z": np.ones(3, np.float32)}, {}, saved, "fp")
+    ckpt.wait()
+    for now in ok:
+      ckpt.check_compatible({**base, "scan_layers": now}, "fp")
+    for now in refused:
+      with pytest.raises(checkpoint.CheckpointError, match="scan_layers"):
+        ckpt.check_compatible({**base, "scan_layers": now}, "fp")
+    ckpt.close()
 
 
 def test_a_decaying_schedule_keeps_its_horizon(chat_model_dir, tmp_path):
