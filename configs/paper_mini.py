@@ -41,7 +41,7 @@ def get_config():
       # 256 test problems (Table 1); 20 steps of 8 prompts keep the run near 50 min here
       "code": _expert("code.py", 150, 600, steps=20, batch_size=8, eval_every=10,
                       eval_size=64, test_size=0, task_args={"test_size": 256}),
-      "reasoning": _expert("reasoning.py", 40, 300, test_size=0,
+      "reasoning": _expert("reasoning.py", 80, 300, test_size=0,
                            task_args={"test_size": 256}),
   })
   # the classification expert (cls_expert strategy); config "" skips it

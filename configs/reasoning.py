@@ -1,16 +1,18 @@
 """SVF expert for four-option reasoning questions on the embedded default model: unit
-conversions, orderings from comparisons, syllogisms over nonsense words, days of the week.
-The fifth family, odd_one_out, is held out of training (and of cls's prompts): it is the unseen
-reasoning target of configs/adapt.py.
+conversions, orderings from comparisons, syllogisms over nonsense words, days of the week, one
+comparison read either way, the largest or smallest of four numbers, opposites. The eighth
+family, odd_one_out, is held out of training (and of cls's prompts): it is the unseen reasoning
+target of configs/adapt.py.
 
-  python -m t2jax.train --config configs/reasoning.py [--workdir runs/reasoning] [--config.steps=16]
+  python -m t2jax.train --config configs/reasoning.py [--workdir runs/reasoning] [--config.steps=32]
 
-The reply is prefilled with "The answer is (" and a rollout is the one letter that follows:
-free replies copied the format request's placeholder ("The answer is (X).", 62 of 64
-conversion questions), and at 64 new tokens the summed log-probs of text after the letter
-moved the policy as much as the letter did. The base model is at chance on every family
-(greedy 22-25 %, each family answered with one letter), so there is no format to learn: only
-the questions.
+The reply writes its choice out ("The answer is 42."), options shown as a plain list. With
+options labelled (A)-(D) and the letter asked for, this 135M model answered at chance on every
+family, even "What is 12 + 7?" (15 % of 48) and "Which number is the smallest?" (25 %), while the
+option text it would write is right more often (smallest 48 %, opposites 62 %): it cannot tie a
+letter to the option it means, so a reward on letters had nothing to reinforce and the expert
+drifted (val 28 → 12 % in 5 steps, and at best learnt to always say "C"). The reply is
+prefilled with "The answer is" so that every rollout is short and names something.
 """
 
 from t2jax.config_defaults import base_config
@@ -20,18 +22,17 @@ def get_config():
   c = base_config()
   c.task = "reasoning"
   # odd_one_out is held out: the unseen reasoning target of configs/adapt.py
-  c.task_args.kinds = "conversion,ordering,syllogism,weekday"
-  # the reply opens with "The answer is (": a rollout is the letter, and every reply names one
-  c.task_args.answer_prefix = "The answer is ("
+  c.task_args.kinds = "comparison,conversion,extremes,opposite,ordering,syllogism,weekday"
+  c.task_args.answer_format = "text"
+  c.task_args.answer_prefix = "The answer is"
   # short: the template's own system prompt is 20 tokens, and the longest prompt must stay
   # within 128 (one prompt bucket; rollouts prefill each prompt once per sample)
   c.task_args.system_prompt = "Answer the question."
-  c.steps = 16
+  c.steps = 32
   c.batch_size = 16
   c.samples_per_prompt = 4
-  # the letter only: tokens after it ("). (B) is …") do not change the reward, but their
-  # summed log-probs did move the policy (noise in the gradient, KL on text nobody reads)
-  c.max_new_tokens = 1
+  # the longest option ("Some bloox are gruz.") and its full stop fit in 12 tokens
+  c.max_new_tokens = 12
   c.temperature = 1.0
   c.kl = "exact"
   c.kl_coef = 0.05

@@ -142,11 +142,43 @@ def prepare(cfg) -> Setup:
   return Setup(cfg=cfg, model=model, task=task, dec=dec)
 
 
+def config_load_error(e: BaseException) -> str:
+  """One line saying why the command line's config did not load (ml_collections runs the
+  config file and applies the --config.KEY overrides while absl parses the flags)."""
+  if isinstance(e, SyntaxError):
+    return f"{e.filename}:{e.lineno}: the config file is not valid Python ({e.msg})."
+  if isinstance(e, (AttributeError, KeyError)):
+    return (f"an override names a key the config does not have: {e}; see the config file's "
+            "get_config() for its keys.")
+  text = " ".join(str(e).split())
+  if isinstance(e, OSError):  # the file is missing or unreadable
+    return f"the config file could not be read: {text}"
+  return f"the config file's get_config() failed: {type(e).__name__}: {text}"
+
+
 def run_cli(body, argv=None, errors: tuple = (ValueError, FileNotFoundError)) -> int:
   """absl's app.run around body(FLAGS) for the entry points: joins the multi-process runtime
   when launched as one of several, INFO logs off (orbax logs every save at INFO), and a user
-  error printed as one `error: ...` line with exit status 2."""
+  error printed as one `error: ...` line with exit status 2 (a config file that does not load
+  too: absl turns only its own flag errors into a message)."""
   from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+
+  def parse(args):
+    try:
+      rest = flags.FLAGS(args)
+      for value in flags.FLAGS.flag_values_dict().values():
+        # a config file that is missing loads "lazily" into a stand-in that raises on first use
+        if type(value).__name__ == "_ErrorConfig":
+          raise value._error  # pylint: disable=protected-access
+      return rest
+    except flags.Error as e:  # absl's own: a bad value, an unknown flag, get_config() raising
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      # a get_config() that raised comes as a whole traceback: its first and last lines say it
+      message = lines[0] + (f" {lines[-1]}" if "Traceback" in str(e) else "")
+      print(f"error: {message}", file=sys.stderr)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"error: {config_load_error(e)}", file=sys.stderr)
+    sys.exit(2)
 
   def run(_):
     logging.set_verbosity(logging.WARNING)
@@ -157,5 +189,5 @@ def run_cli(body, argv=None, errors: tuple = (ValueError, FileNotFoundError)) ->
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(run, argv=argv)
+  app.run(run, argv=argv, flags_parser=parse)
   return 0

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,3 +171,28 @@ def test_summary_table():
       "base           31.0%  29.0%",
       "expert (math)  45.7%      -",
   ]
+
+
+def test_ci_fails_skipped_tests(tmp_path):
+  """Under CI=true a skipped test fails the run (CI installs every tool); elsewhere a skip is a
+  skip."""
+  (tmp_path / "test_one.py").write_text(
+      "import pytest\n\n@pytest.mark.skipif(True, reason='no tool')\ndef test_a():\n  pass\n\n"
+      "def test_b():\n  pytest.skip('missing thing')\n\n"
+      "@pytest.mark.xfail(reason='known')\ndef test_c():\n  assert False\n")
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+
+  def run(ci: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": ci, "PYTHONPATH": tests_dir}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "ci_skips", "-p",
+                           "no:cacheprovider", str(tmp_path)], env=env, capture_output=True,
+                          text=True, cwd=tmp_path, check=False)
+
+  ci = run("true")
+  assert ci.returncode == 1, ci.stdout
+  # a skipif mark skips in setup (reported as an error), pytest.skip in the call (a failure)
+  assert "1 failed, 1 xfailed, 1 error" in ci.stdout, ci.stdout
+  assert "skipped under CI=true (Skipped: no tool)" in ci.stdout
+  assert "skipped under CI=true (Skipped: missing thing)" in ci.stdout
+  local = run("")
+  assert local.returncode == 0 and "2 skipped, 1 xfailed" in local.stdout, local.stdout

@@ -11,7 +11,7 @@ import pytest
 
 from t2jax.tasks import make_task
 from t2jax.tasks.base import TaskError
-from t2jax.tasks.reasoning import ARC, ProceduralReasoning, extract_choice
+from t2jax.tasks.reasoning import ARC, ProceduralReasoning, extract_choice, extract_option
 
 SPLITS = ("train", "val", "test")
 
@@ -35,6 +35,28 @@ SPLITS = ("train", "val", "test")
 ])
 def test_extract_choice(text, want):
   assert extract_choice(text) == want
+
+
+UNITS = ["288 minutes", "300 minutes", "5 minutes", "17280 minutes"]
+LENGTHS = ["6 metres", "16 metres", "60 metres", "1 metres"]
+SYLLOGISM = ["All bloox are gruz.", "No bloox are gruz.", "All gruz are bloox.",
+             "Some bloox are gruz."]
+
+
+@pytest.mark.parametrize("text,choices,want", [
+    ("The answer is 300 minutes.", UNITS, 1),
+    ("The answer is 288.", UNITS, 0),  # the part that tells the options apart
+    ("The answer is 16 metres.", LENGTHS, 1),  # not '6 metres' inside it
+    ("The answer is 6 metres, not 16 metres.", LENGTHS, 0),  # the first named
+    ("I'd say 60 metres. Final answer: 1 metres", LENGTHS, 3),  # after the last 'answer'
+    ("The answer is: no bloox are gruz", SYLLOGISM, 1),  # case and full stop do not matter
+    ("The answer is some.", SYLLOGISM, None),  # no option is named
+    ("The answer is 2880 minutes.", UNITS, None),
+    ("The answer is Ana", ["Ben", "Ana", "Cleo", "Dev"], 1),
+    ("The answer is Anabel", ["Ben", "Ana", "Cleo", "Dev"], None),
+])
+def test_extract_option(text, choices, want):
+  assert extract_option(text, choices) == want
 
 
 def test_extract_choice_labels():
@@ -108,6 +130,12 @@ _FACTORS = {("centimetres", "metres"): 100, ("metres", "kilometres"): 1000,
             ("millimetres", "centimetres"): 10, ("months", "years"): 12}
 
 
+_OPPOSITE = {a: b for pair in [("hot", "cold"), ("up", "down"), ("wet", "dry"), ("win", "lose"),
+                               ("buy", "sell"), ("true", "false"), ("big", "small"),
+                               ("fast", "slow"), ("open", "closed"), ("day", "night")]
+             for a, b in (pair, pair[::-1])}
+
+
 def solve(stem: str, choices: list[str]) -> str | None:
   """The right option's text, worked out from the stem alone; None for kinds not solved here."""
   if m := re.fullmatch(r"Today is (\w+)\. What day of the week (will it be in|was it) (\d+) "
@@ -130,6 +158,13 @@ def solve(stem: str, choices: list[str]) -> str | None:
     ranked = sorted(choices, key=lambda p: -score[p])  # most to least
     rank = 1 if m[2] else 0
     return ranked[rank] if m[3] in _MORE.values() else ranked[::-1][rank]
+  if m := re.fullmatch(r"(\w+) is (\w+) than (\w+)\. Who is (\w+)\?", stem):
+    more, less = (m[1], m[3]) if m[2] in _MORE else (m[3], m[1])
+    return more if m[4] in _MORE else less
+  if m := re.fullmatch(r"Which number is the (largest|smallest)\?", stem):
+    return str((max if m[1] == "largest" else min)(int(c) for c in choices))
+  if m := re.fullmatch(r"What is the opposite of '(\w+)'\?", stem):
+    return _OPPOSITE.get(m[1])
   if m := re.fullmatch(r"Which of these numbers is (not )?(even|a prime number)\?", stem):
     has = {"even": lambda n: n % 2 == 0,
            "a prime number": lambda n: all(n % d for d in range(2, n))}[m[2]]
@@ -155,12 +190,13 @@ def test_procedural_answers_are_right_and_uniform():
     assert task.reward(rec, f"I think so. The answer is ({rec['answer']}).") == 1.0
     wrong = "ABCD"[("ABCD".index(rec["answer"]) + 1) % 4]
     assert task.reward(rec, f"The answer is ({wrong}).") == 0.0
-  assert {"weekday", "conversion", "ordering", "odd_one_out"} <= set(solved)
-  assert min(solved.values()) >= 10
+  assert {"weekday", "conversion", "ordering", "odd_one_out", "comparison", "extremes",
+          "opposite"} <= set(solved)
+  assert min(solved.values()) >= 5
   letters = collections.Counter(r["answer"] for r in recs)
   assert set(letters) == set("ABCD") and all(60 <= n <= 140 for n in letters.values())
   assert {r["kind"] for r in recs} == {"ordering", "weekday", "syllogism", "conversion",
-                                       "odd_one_out"}
+                                       "odd_one_out", "comparison", "extremes", "opposite"}
 
 
 def test_procedural_splits_are_disjoint_and_reproducible():
@@ -234,3 +270,25 @@ def test_distractors_give_no_positional_cue():
       values = {int(c.split()[0]) for c in rec["choices"]}
       assert not {value - 1, value + 1} <= values
   assert runs < 0.3 * sum(r["kind"] == "weekday" for r in recs)
+
+
+def test_text_answer_format(tmp_path):
+  """answer_format="text": options as a plain list, the reply writes its choice out; the same
+  problems (ids, keys) as the letter format."""
+  letter, text = small(), small(answer_format="text", answer_prefix="The answer is")
+  for a, b in zip(letter.records("test"), text.records("test")):
+    assert (a["id"], a["choices"], a["answer"]) == (b["id"], b["choices"], b["answer"])
+    right = b["choices"]["ABCD".index(b["answer"])]
+    assert b["question"] == b["stem"] + "\n\n" + "\n".join(f"- {c}" for c in b["choices"]) + (
+        "\n\nEnd with 'The answer is' and your choice, written as in the list.")
+    assert text.reference(b) == f" {right.rstrip('.')}."
+    assert text.correct(b, text.reference(b)) and not text.correct(b, f" ({b['answer']}).")
+    others = [c for c in b["choices"] if c != right]
+    assert not text.correct(b, f" {others[0]}") and not text.correct(b, " I do not know.")
+  test = write_jsonl(tmp_path / "test.jsonl", [HF_ROW])
+  gas = ARC(test_path=test, answer_format="text").records("test")[0]
+  assert "\n- steam\n" in gas["question"] and "(B)" not in gas["question"]
+  task = ARC(test_path=test, answer_format="text")
+  assert task.reference(gas) == "The answer is steam." and task.correct(gas, "Answer: Steam")
+  with pytest.raises(TaskError, match="answer_format 'word' is unknown"):
+    small(answer_format="word")

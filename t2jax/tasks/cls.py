@@ -25,7 +25,7 @@ OTHER = "other"
 LABEL_DESCRIPTIONS = {
     "code": "writing or fixing programs and functions in a programming language",
     "math": "arithmetic and word problems whose answer is a number",
-    "reasoning": "multiple-choice questions with options (A)-(D): logic, science, common sense",
+    "reasoning": "multiple-choice questions with a list of options: logic, science, common sense",
     OTHER: "anything that fits none of the above",
 }
 CLASSIFY_INSTRUCTION = (

@@ -1,6 +1,7 @@
 """Multiple-choice reasoning tasks: ARC-format JSONL and procedural questions (orderings, days
-of the week, syllogisms, unit conversions, odd one out). Reward: the announced option letter
-is the key."""
+of the week, syllogisms, unit conversions, comparisons, extremes, opposites, odd one out).
+Reward: the announced option is the key, named by its letter (answer_format "letter") or
+written out (answer_format "text")."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ LETTERS = string.ascii_uppercase
 # copied "(X)" in 62 of 64 conversion questions. Short: every prompt token is prefilled once
 # per rollout.
 _ASK = "End with 'The answer is' and the letter of your choice."
+_ASK_TEXT = "End with 'The answer is' and your choice, written as in the list."
+ANSWER_FORMATS = ("letter", "text")
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,7 +58,39 @@ def extract_choice(completion: str, labels: Sequence[str] = "ABCD") -> str | Non
   return None
 
 
-def _question(stem: str, choices: Sequence[str]) -> str:
+def _cores(choices: Sequence[str]) -> list[str]:
+  """Each option without the words every option starts or ends with: '288 minutes' of
+  ('288 minutes', '300 minutes', …) is '288', so a reply of 'The answer is 288.' names it."""
+  words = [text.strip().rstrip(".").split() for text in choices]
+  head = 0
+  while all(len(w) > head + 1 and w[head] == words[0][head] for w in words):
+    head += 1
+  tail = 0
+  while all(len(w) > head + tail + 1 and w[-1 - tail] == words[0][-1 - tail] for w in words):
+    tail += 1
+  return [" ".join(w[head:len(w) - tail]) for w in words]
+
+
+def extract_option(completion: str, choices: Sequence[str]) -> int | None:
+  """The option a completion writes out: after its last 'answer', the option whose text (or
+  the part of it that differs from the other options: '288' of '288 minutes') starts first;
+  whole words, case-insensitive; the longer one where two start together, so '16 metres' is
+  never read as '6 metres'. None if no option is written there."""
+  found = list(re.finditer(r"(?i)\banswer\b", completion))
+  tail = completion[found[-1].end():] if found else completion
+  best = None  # (start, -length, index)
+  for i, (text, core) in enumerate(zip(choices, _cores(choices))):
+    for name in dict.fromkeys((text.strip().rstrip("."), core)):
+      m = re.search(rf"(?i)(?<!\w){re.escape(name)}(?!\w)", tail) if name else None
+      if m and (best is None or (m.start(), -len(m.group())) < best[:2]):
+        best = (m.start(), -len(m.group()), i)
+  return None if best is None else best[2]
+
+
+def _question(stem: str, choices: Sequence[str], answer_format: str = "letter") -> str:
+  if answer_format == "text":  # a plain list: no letters to answer with instead
+    options = "\n".join(f"- {text}" for text in choices)
+    return f"{stem.strip()}\n\n{options}\n\n{_ASK_TEXT}"
   options = "\n".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(choices))
   return f"{stem.strip()}\n\n{options}\n\n{_ASK}"
 
@@ -68,6 +103,20 @@ class _ChoiceBase(QuestionTask):
   # the letter (and whatever it adds after it), so no reply lacks a readable choice and a
   # rollout needs a few tokens. "" = a free reply.
   answer_prefix: str = ""
+  # "letter": options shown as (A)-(D), the reply names a letter; "text": options shown as a
+  # plain list, the reply writes its choice out (a small model that cannot tie a letter to an
+  # option can still copy the option it means)
+  answer_format: str = "letter"
+
+  def __post_init__(self):
+    if self.answer_format not in ANSWER_FORMATS:
+      raise TaskError(f"{self.name}: answer_format {self.answer_format!r} is unknown; use one "
+                      f"of {ANSWER_FORMATS}.")
+
+  def posed(self, record: Record) -> Record:
+    """The record with its question text in this task's answer format."""
+    return {**record, "question": _question(record["stem"], record["choices"],
+                                            self.answer_format)}
 
   def messages(self, record: Record) -> list[dict[str, str]]:
     turns = super().messages(record)
@@ -75,18 +124,27 @@ class _ChoiceBase(QuestionTask):
       turns.append({"role": "assistant", "content": self.answer_prefix})
     return turns
 
+  def choice(self, record: Record, completion: str) -> str | None:
+    """The letter of the option the completion chooses, or None. A completion of the
+    prefilled turn is read after its prefix: "B) …" reads as B."""
+    text = self.answer_prefix + completion
+    if self.answer_format == "text":
+      index = extract_option(text, record["choices"])
+      return None if index is None else LETTERS[index]
+    return extract_choice(text, LETTERS[:len(record["choices"])])
+
   def correct(self, record: Record, completion: str) -> bool:
-    # a completion of the prefilled turn is read after its prefix: "B) …" reads as B
-    return extract_choice(self.answer_prefix + completion,
-                          LETTERS[:len(record["choices"])]) == record["answer"]
+    return self.choice(record, completion) == record["answer"]
 
   def reference(self, record: Record) -> str:
-    """A correct completion in the asked format: 'The answer is (X).', or what follows the
-    prefilled answer_prefix ('X).' after 'The answer is (')."""
-    full = f"The answer is ({record['answer']})."
+    """A correct completion in the asked format: 'The answer is (X).' (or the option's text),
+    or what follows the prefilled answer_prefix ('X).' after 'The answer is (')."""
+    right = record["choices"][LETTERS.index(record["answer"])]
+    said = right.rstrip(".") if self.answer_format == "text" else f"({record['answer']})"
+    full = f"The answer is {said}."
     if full.startswith(self.answer_prefix):
       return full[len(self.answer_prefix):]
-    return f"{record['answer']})."
+    return f"{record['answer']})." if self.answer_format == "letter" else f" {said}."
 
 
 # --------------------------------------------------------------------------------------- ARC
@@ -118,7 +176,7 @@ def _arc_record(rec: Record, where: str) -> Record:
     raise TaskError(f"{where}: answerKey {key!r} is not one of the labels {labels}.")
   answer = LETTERS[labels.index(key)]
   return {"id": str(rec.get("id", question)), "stem": question, "choices": texts,
-          "answer": answer, "question": _question(question, texts)}
+          "answer": answer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +198,7 @@ class ARC(_ChoiceBase):
             for i, rec in enumerate(read_jsonl(path, ("question", "answerKey")))]
 
   def records(self, split: str) -> Sequence[Record]:
-    return file_split(self, split, lambda r: r["id"])
+    return [self.posed(r) for r in file_split(self, split, lambda r: r["id"])]
 
 
 # ----------------------------------------------------------------------- procedural questions
@@ -298,9 +356,46 @@ def _odd_one_out(rng: random.Random) -> tuple[str, list[str], int]:
   return f"Which of these numbers is {prop}?", [str(n) for n in options], 0
 
 
+def _comparison(rng: random.Random) -> tuple[str, list[str], int]:
+  """One comparison, read forwards or backwards: 'Ana is taller than Ben. Who is shorter?'
+  The other two options are people the question does not mention."""
+  more, less, _, _ = _RELATIONS[rng.choice(sorted(_RELATIONS))]
+  a, b, *others = rng.sample(_NAMES, 4)
+  asked_more = rng.random() < 0.5
+  return (f"{a} is {more} than {b}. Who is {more if asked_more else less}?",
+          [a if asked_more else b, b if asked_more else a] + others, 0)
+
+
+def _extremes(rng: random.Random) -> tuple[str, list[str], int]:
+  numbers = rng.sample(range(10, 100), 4)
+  largest = rng.random() < 0.5
+  pick = max(numbers) if largest else min(numbers)
+  rest = [n for n in numbers if n != pick]
+  return (f"Which number is the {'largest' if largest else 'smallest'}?",
+          [str(n) for n in [pick] + rest], 0)
+
+
+_OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"),
+              ("up", "down"), ("light", "dark"), ("open", "closed"), ("old", "young"),
+              ("rich", "poor"), ("early", "late"), ("full", "empty"), ("hard", "soft"),
+              ("wet", "dry"), ("high", "low"), ("strong", "weak"), ("loud", "quiet"),
+              ("thick", "thin"), ("long", "short"), ("clean", "dirty"), ("safe", "dangerous"),
+              ("win", "lose"), ("push", "pull"), ("buy", "sell"), ("day", "night"),
+              ("inside", "outside"), ("true", "false"), ("begin", "end"), ("love", "hate"))
+
+
+def _opposite(rng: random.Random) -> tuple[str, list[str], int]:
+  pair = rng.choice(_OPPOSITES)
+  word, right = pair if rng.random() < 0.5 else pair[::-1]
+  # distractors from other pairs, so none of them is also an opposite of the word
+  pool = sorted({w for p in _OPPOSITES if p != pair for w in p})
+  return f"What is the opposite of '{word}'?", [right] + rng.sample(pool, 3), 0
+
+
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
     "ordering": _ordering, "weekday": _weekday, "syllogism": _syllogism,
-    "conversion": _conversion, "odd_one_out": _odd_one_out,
+    "conversion": _conversion, "odd_one_out": _odd_one_out, "comparison": _comparison,
+    "extremes": _extremes, "opposite": _opposite,
 }
 
 
@@ -316,8 +411,7 @@ def _draw(kinds: Sequence[str], rng: random.Random) -> tuple[tuple, Callable[[],
   key = (stem, tuple(sorted(options)))
   uid = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
   return key, lambda: {"id": f"{kind}/{uid}", "kind": kind, "stem": stem,
-                       "choices": choices, "answer": LETTERS[pos],
-                       "question": _question(stem, choices)}
+                       "choices": choices, "answer": LETTERS[pos]}
 
 
 # Share of the problem space in val and in test, by a hash of each problem's identity.
@@ -353,6 +447,7 @@ class ProceduralReasoning(_ChoiceBase):
     return kinds
 
   def __post_init__(self):
+    super().__post_init__()
     self._kinds()
 
   def records(self, split: str) -> Sequence[Record]:
@@ -361,4 +456,4 @@ class ProceduralReasoning(_ChoiceBase):
     recs = _procedural(self.seed, self._kinds(), sizes)[split]
     if not recs:
       raise TaskError(f"reasoning: the {split} split is empty; set {split}_size.")
-    return list(recs)
+    return [self.posed(r) for r in recs]
