@@ -83,6 +83,28 @@ def is_trained(run_dir: str) -> bool:
           and os.path.isfile(os.path.join(run_dir, "expert", "expert.json")))
 
 
+CONFIG_FILE = "training_config.json"
+
+
+def check_run_config(run_dir: str, cfg) -> None:
+  """Refuses a run directory that holds a run of another training config (a changed recipe
+  must not silently reuse the old expert; the old run is never overwritten: the user moves it);
+  records the config of a new run (or of one from before this file existed)."""
+  path = os.path.join(run_dir, CONFIG_FILE)
+  want = json.loads(cfg.to_json_best_effort(sort_keys=True))
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      had = json.load(f)
+    if had != want:
+      keys = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+      raise ValueError(f"{run_dir} holds a run of another training config (it differs in "
+                       f"{keys}): move or delete that directory to train with the current "
+                       "config, or restore the old settings.")
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  atomic.write_text(path, json.dumps(want, indent=1, sort_keys=True))
+
+
 def steps_done(run_dir: str) -> tuple[int, float | None]:
   """(steps logged in metrics.jsonl, mean seconds per step or None): resume progress and the
   measured pace of this run."""
@@ -214,8 +236,8 @@ def reproduce(cfg, workdir: str) -> dict:
   specs = {name: cfg.train[name] for name in names}
   if cfg.cls.config:
     specs["cls"] = cfg.cls
-  for spec in specs.values():  # every config and override is checked before hours are spent
-    training_config(spec)
+  for name, spec in specs.items():  # every config and override is checked before hours are
+    check_run_config(expert_dir(workdir, name), training_config(spec))  # spent
   own, target = own_suites(cfg, names), adapt_eval.target_suites(cfg)  # and every task
   plan = Plan(cfg, workdir, specs)
   os.makedirs(workdir, exist_ok=True)

@@ -270,3 +270,21 @@ def test_an_unusable_sandbox_is_refused_before_any_generation(model, expert_dirs
   with pytest.raises(ValueError, match=r"'code' scores programs.*execvp"):
     adapt_eval.run(cfg, str(tmp_path / "w"))
   assert not os.listdir(tmp_path / "w" / "cells")
+
+
+def test_a_changed_recipe_is_not_reused(tmp_path):
+  """reproduce records each run's training config; a run of another config is refused with a
+  message naming the keys, and nothing of it is touched."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  run = str(tmp_path / "experts" / "reasoning")
+  spec = ml_collections.ConfigDict({"config": "reasoning.py", "overrides": {"steps": 3}})
+  reproduce.check_run_config(run, reproduce.training_config(spec))
+  reproduce.check_run_config(run, reproduce.training_config(spec))  # the same: accepted
+  saved = open(os.path.join(run, reproduce.CONFIG_FILE), encoding="utf-8").read()
+  assert json.loads(saved)["steps"] == 3
+  spec.overrides.steps = 4
+  spec.overrides.task_args = {"test_size": 7}
+  with pytest.raises(ValueError, match=r"differs in \['steps', 'task_args'\]"):
+    reproduce.check_run_config(run, reproduce.training_config(spec))
+  assert open(os.path.join(run, reproduce.CONFIG_FILE), encoding="utf-8").read() == saved
