@@ -87,7 +87,7 @@ def extract_option(completion: str, choices: Sequence[str]) -> int | None:
   return None if best is None else best[2]
 
 
-def _question(stem: str, choices: Sequence[str], answer_format: str = "letter") -> str:
+def _question(stem: str, choices: Sequence[str], answer_format: str) -> str:
   if answer_format == "text":  # a plain list: no letters to answer with instead
     options = "\n".join(f"- {text}" for text in choices)
     return f"{stem.strip()}\n\n{options}\n\n{_ASK_TEXT}"
