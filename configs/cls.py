@@ -25,6 +25,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = "math,code,reasoning"
 
 
+def _prompt_args(source) -> dict:
+  return {k: v for k, v in source.task_args.to_dict().items() if not k.startswith("reward_")}
+
+
 def get_config():
   c = base_config()
   c.task = "cls"
@@ -36,8 +40,10 @@ def get_config():
   # task_args of each source task, by name: as configs/<source>.py trains its expert, so the
   # classifier sees only the experts' own training prompts (e.g. only the reasoning families
   # configs/reasoning.py trains on, never the one held out as an unseen target task)
+  # (rewards do not change a prompt: a source task's reward settings are left out, so that
+  # changing them does not make the classifier a different run)
   c.task_args.source_args = ml_collections.ConfigDict({
-      name: config_module(os.path.join(_HERE, f"{name}.py")).get_config().task_args.to_dict()
+      name: _prompt_args(config_module(os.path.join(_HERE, f"{name}.py")).get_config())
       for name in SOURCES.split(",")})
   c.steps = 40
   c.batch_size = 16

@@ -28,12 +28,18 @@ def get_config():
   # short: the template's own system prompt is 20 tokens, and the longest prompt must stay
   # within 128 (one prompt bucket; rollouts prefill each prompt once per sample)
   c.task_args.system_prompt = "Answer the question."
-  c.steps = 32
+  # a reply naming no option scores below a wrong one: 34 % of the base model's greedy test
+  # replies named none (a day not listed, "The answer is" repeated), and a group whose samples
+  # are all wrong or unreadable gave no gradient towards choosing among the options
+  c.task_args.reward_no_choice = -1.0
+  c.steps = 48
   c.batch_size = 16
   c.samples_per_prompt = 4
   # the longest option ("Some bloox are gruz.") and its full stop fit in 12 tokens
   c.max_new_tokens = 12
-  c.temperature = 1.0
+  # at T 1.0 the sampled reward (15-25 %) stayed far below greedy (30 %): most rollouts were
+  # noise the greedy reply never produces
+  c.temperature = 0.7
   c.kl = "exact"
   c.kl_coef = 0.05
   c.lr = 2e-3

@@ -236,8 +236,9 @@ def reproduce(cfg, workdir: str) -> dict:
   specs = {name: cfg.train[name] for name in names}
   if cfg.cls.config:
     specs["cls"] = cfg.cls
-  for name, spec in specs.items():  # every config and override is checked before hours are
-    check_run_config(expert_dir(workdir, name), training_config(spec))  # spent
+  # every config, override and run directory is checked before hours are spent
+  for name, spec in specs.items():
+    check_run_config(expert_dir(workdir, name), training_config(spec))
   own, target = own_suites(cfg, names), adapt_eval.target_suites(cfg)  # and every task
   plan = Plan(cfg, workdir, specs)
   os.makedirs(workdir, exist_ok=True)

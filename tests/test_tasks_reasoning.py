@@ -292,3 +292,18 @@ def test_text_answer_format(tmp_path):
   assert task.reference(gas) == "The answer is steam." and task.correct(gas, "Answer: Steam")
   with pytest.raises(TaskError, match="answer_format 'word' is unknown"):
     small(answer_format="word")
+
+
+def test_reward_of_a_reply_naming_no_option():
+  """reward_no_choice scores a reply that names none of the options apart from a wrong one;
+  unset, both get reward_wrong. Accuracy is the same either way."""
+  plain = small(answer_format="text", answer_prefix="The answer is")
+  shaped = small(answer_format="text", answer_prefix="The answer is", reward_no_choice=-1.0)
+  rec = shaped.records("test")[0]
+  wrong = next(c for c in rec["choices"] if c != rec["choices"]["ABCD".index(rec["answer"])])
+  replies = {"right": shaped.reference(rec), "wrong": f" {wrong}", "none": " I do not know."}
+  assert {k: shaped.reward(rec, v) for k, v in replies.items()} == {
+      "right": 1.0, "wrong": 0.0, "none": -1.0}
+  assert {k: plain.reward(rec, v) for k, v in replies.items()} == {
+      "right": 1.0, "wrong": 0.0, "none": 0.0}
+  assert all(shaped.correct(rec, v) == plain.correct(rec, v) for v in replies.values())

@@ -87,7 +87,7 @@ def extract_option(completion: str, choices: Sequence[str]) -> int | None:
   return None if best is None else best[2]
 
 
-def _question(stem: str, choices: Sequence[str], answer_format: str = "letter") -> str:
+def _question(stem: str, choices: Sequence[str], answer_format: str) -> str:
   if answer_format == "text":  # a plain list: no letters to answer with instead
     options = "\n".join(f"- {text}" for text in choices)
     return f"{stem.strip()}\n\n{options}\n\n{_ASK_TEXT}"
@@ -107,6 +107,10 @@ class _ChoiceBase(QuestionTask):
   # plain list, the reply writes its choice out (a small model that cannot tie a letter to an
   # option can still copy the option it means)
   answer_format: str = "letter"
+  # reward of a reply that names none of the options ("Thursday" when it is not listed, a
+  # repeated "The answer is"); None = reward_wrong. Below reward_wrong, it teaches a small
+  # model to choose among the options even in groups where no sample is right.
+  reward_no_choice: float | None = None
 
   def __post_init__(self):
     if self.answer_format not in ANSWER_FORMATS:
@@ -135,6 +139,12 @@ class _ChoiceBase(QuestionTask):
 
   def correct(self, record: Record, completion: str) -> bool:
     return self.choice(record, completion) == record["answer"]
+
+  def reward(self, record: Record, completion: str) -> float:
+    chosen = self.choice(record, completion)
+    if chosen is None and self.reward_no_choice is not None:
+      return self.reward_no_choice
+    return self.reward_correct if chosen == record["answer"] else self.reward_wrong
 
   def reference(self, record: Record) -> str:
     """A correct completion in the asked format: 'The answer is (X).' (or the option's text),
