@@ -11,8 +11,9 @@ import pytest
 
 from t2jax.tasks import make_task, sandbox
 from t2jax.tasks.base import TaskError, draw_splits
-from t2jax.tasks.code import (MBPP, TEMPLATES, HumanEval, ProceduralCode, _make_problem,
-                              _procedural, extract_code)
+from t2jax.tasks.code import (MBPP, HumanEval, ProceduralCode, _make_problem, _procedural,
+                              extract_code)
+from t2jax.tasks.code_templates import TEMPLATES
 
 # Every program run here is ours or HumanEval's, so where bubblewrap is missing they may run
 # without isolation; the sandbox's own tests cover the isolation.
