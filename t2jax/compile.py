@@ -65,6 +65,7 @@ from jax.sharding import PartitionSpec as P
 
 from t2jax import programs as programs_lib
 from t2jax import run_setup, sampling, sharding, svf
+from t2jax import targets as targets_lib
 from t2jax.models import llama, presets
 from t2jax.models.config import ModelConfig
 from t2jax.weights import layout
@@ -176,18 +177,13 @@ def abstract_params(cfg: ModelConfig, dtype) -> dict:
 def abstract_factors(params: dict, targets: str, rank: int | None) -> list:
   """The float32 factors `svf.decompose` returns: per layer {block: {name: {v [n, r], s [r],
   ut [r, m], s_total []}}}."""
-  factors: list = []
-  for p_layer in params["layers"]:
-    f_layer: dict = {}
-    for block, name in svf.target_modules(params, targets):
-      n, m = p_layer[block][name]["kernel"].shape
-      r = svf.module_rank((n, m), rank)
-      f_layer.setdefault(block, {})[name] = {
-          "v": jax.ShapeDtypeStruct((n, r), jnp.float32),
-          "s": jax.ShapeDtypeStruct((r,), jnp.float32),
-          "ut": jax.ShapeDtypeStruct((r, m), jnp.float32),
-          "s_total": jax.ShapeDtypeStruct((), jnp.float32)}
-    factors.append(f_layer)
+  factors: list = [{} for _ in params["layers"]]
+  for block, name, layer, (n, m), r in targets_lib.targeted(params, targets, rank):
+    factors[layer].setdefault(block, {})[name] = {
+        "v": jax.ShapeDtypeStruct((n, r), jnp.float32),
+        "s": jax.ShapeDtypeStruct((r,), jnp.float32),
+        "ut": jax.ShapeDtypeStruct((r, m), jnp.float32),
+        "s_total": jax.ShapeDtypeStruct((), jnp.float32)}
   return factors
 
 
@@ -361,9 +357,9 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
                             f"{model_cfg.max_length} positions.")
 
   dtype = jnp.dtype(cfg.dtype)
-  targets = cfg.targets or svf.DEFAULT_TARGETS
+  targets, rank = targets_lib.from_config(cfg)
   params = abstract_params(model_cfg, dtype)
-  factors = abstract_factors(params, targets, cfg.rank or None)
+  factors = abstract_factors(params, targets, rank)
   # config.scan_layers "auto" resolves for the target (a TPU): layers stacked and scanned
   scanned = llama.scan_enabled(cfg.get("scan_layers", "auto"), backend="tpu")
   if scanned:
@@ -402,7 +398,7 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
   return {
       "model": source, "params": model_cfg.num_params(), "dtype": cfg.dtype,
       "layers": model_cfg.num_layers, "full_layers": full_layers, "scanned": scanned,
-      "targets": targets, "rank": cfg.rank or None,
+      "targets": targets, "rank": rank,
       "topology": topo.name, "device_kind": topo.device_kind, "devices": len(topo.devices),
       "hbm_bytes": topo.hbm_bytes, "nominal_hbm_bytes": topo.nominal_hbm_bytes,
       "mesh": dict(mesh.shape), "microbatches": microbatches, "remat": settings.remat,

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2jax import atomic, svf
-from t2jax.svf import SVFError
+from t2jax.targets import (DEFAULT_TARGETS, SVFError, check_rank, hf_module_name, resolve,
+                           targeted, tree_from_hf)
 
 FORMAT = "t2jax-expert/1"
 _META, _Z = "expert.json", "z.safetensors"
@@ -40,16 +41,10 @@ class Expert:
            max_mult: float = 2.0, init_noise: float = 0.0) -> "Expert":
     """A fresh expert, the base model exactly unless init_noise > 0 (the official code's
     `paper` init uses init_noise=0.01; see svf.init_z)."""
-    targets = targets or svf.DEFAULT_TARGETS
-    if rank is not None and rank < 1:
-      raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+    targets, rank = resolve(targets), check_rank(rank)
     rng = np.random.default_rng(seed)
-    z = {}
-    for block, proj in svf.target_modules(model.params, targets):
-      for layer, p in enumerate(model.params["layers"]):
-        r = svf.module_rank(p[block][proj]["kernel"].shape, rank)
-        z[svf.hf_module_name(block, proj, layer)] = svf.init_z((r,), parametrisation, rng,
-                                                               init_noise)
+    z = {hf_module_name(block, proj, layer): svf.init_z((r,), parametrisation, rng, init_noise)
+         for block, proj, layer, _, r in targeted(model.params, targets, rank)}
     return cls(z=z, fingerprint=model.fingerprint, targets=targets, rank=rank,
                parametrisation=parametrisation, name=name, max_mult=max_mult)
 
@@ -106,12 +101,7 @@ class Expert:
     """z as [{block: {name: [r]}} per layer] (the layout of params["layers"]), checked
     against model."""
     self.check(model)
-    modules = svf.target_modules(model.params, self.targets)
-    tree: list = [{} for _ in model.params["layers"]]
-    for layer, z_layer in enumerate(tree):
-      for block, proj in modules:
-        z_layer.setdefault(block, {})[proj] = self.z[svf.hf_module_name(block, proj, layer)]
-    return tree
+    return tree_from_hf(self.z, model.params, self.targets)
 
   # -- files ----------------------------------------------------------------------------------
 
@@ -157,7 +147,7 @@ class Expert:
       raise ImportError("importing official experts needs torch (pip install torch).") from None
     raw = torch.load(path, map_location="cpu", weights_only=True)
     z = {k: v.detach().float().numpy().reshape(-1) for k, v in raw.items()}
-    expert = cls(z=z, fingerprint=model.fingerprint, targets=svf.DEFAULT_TARGETS, rank=None,
+    expert = cls(z=z, fingerprint=model.fingerprint, targets=DEFAULT_TARGETS, rank=None,
                  parametrisation="paper", name=name or os.path.basename(path),
                  max_mult=max_mult)
     expert.check(model)

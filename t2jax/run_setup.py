@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import t2jax
-from t2jax import distributed, rl, sharding, svf
+from t2jax import distributed, rl, sharding, svf, targets
 from t2jax.models import llama
 from t2jax.tasks import make_task
 from t2jax.tokenizer import encode_chats
@@ -104,8 +104,8 @@ class Setup:
     return prompts
 
   def init_z(self) -> list:
-    expert = t2jax.Expert.init(self.model, targets=self.cfg.targets or None,
-                               rank=self.cfg.rank or None,
+    target_re, rank = targets.from_config(self.cfg)
+    expert = t2jax.Expert.init(self.model, targets=target_re, rank=rank,
                                parametrisation=self.cfg.parametrisation, seed=self.cfg.seed,
                                max_mult=self.cfg.max_mult, init_noise=self.cfg.init_noise)
     return self.z_layout(expert.z_tree(self.model))
@@ -121,15 +121,11 @@ class Setup:
 
   def expert(self, z_tree, *, name: str, metrics: dict) -> t2jax.Expert:
     """An Expert artefact from a z tree of this run."""
-    z = {}
-    for layer, z_layer in enumerate(svf.unstack_layers(jax.device_get(z_tree))):
-      for block, names in z_layer.items():
-        for proj, vec in names.items():
-          z[svf.hf_module_name(block, proj, layer)] = vec
-    return t2jax.Expert(z=z, fingerprint=self.model.fingerprint,
-                        targets=self.cfg.targets or svf.DEFAULT_TARGETS,
-                        rank=self.cfg.rank or None, parametrisation=self.cfg.parametrisation,
-                        name=name, max_mult=float(self.cfg.max_mult), metrics=metrics)
+    target_re, rank = targets.from_config(self.cfg)
+    z = targets.hf_from_tree(svf.unstack_layers(jax.device_get(z_tree)))
+    return t2jax.Expert(z=z, fingerprint=self.model.fingerprint, targets=target_re, rank=rank,
+                        parametrisation=self.cfg.parametrisation, name=name,
+                        max_mult=float(self.cfg.max_mult), metrics=metrics)
 
 
 def prepare(cfg) -> Setup:
@@ -138,7 +134,7 @@ def prepare(cfg) -> Setup:
   task = make_task(cfg.task, cfg.task_args.to_dict() if hasattr(cfg.task_args, "to_dict")
                    else cfg.task_args)
   model = t2jax.load_model(cfg.model or None, dtype=cfg.dtype)
-  dec = svf.decompose(model, cfg.targets or None, cfg.rank or None)
+  dec = svf.decompose(model, *targets.from_config(cfg))
   return Setup(cfg=cfg, model=model, task=task, dec=dec)
 
 

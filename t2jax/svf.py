@@ -11,7 +11,8 @@ and for r = min(n, m) also K' = v diag(sz) ut, which needs no K at all.
 
 SVF is a module transform: `apply` swaps each targeted `llama.Linear` of an NNX model for an
 `SVFLinear` holding K, v, s, ut (Frozen) and z (the model's only nnx.Param), so
-`nnx.state(model, nnx.Param)` is exactly an expert's z (`hf_z` names it as Expert.z does).
+`nnx.state(model, nnx.Param)` is exactly an expert's z (`targets.hf_from_state` names it as
+Expert.z does).
 
 Compute modes (chosen in `choose_mode`, the one place that decides):
   materialised: K' built once per z (n·r·m flops), then the plain dense product (`merged`
@@ -26,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 
 import flax.nnx as nnx
 import flax.struct
@@ -37,40 +37,10 @@ import numpy as np
 from t2jax import atomic
 from t2jax.cache import cache_dir
 from t2jax.models import llama
+from t2jax.targets import SVFError, check_rank, module_rank, resolve, target_modules
 
-DEFAULT_TARGETS = r"mlp/(gate|up|down)_proj"  # what the official code trains
 PARAMETRISATIONS = ("scale", "paper")
 MODES = ("auto", "materialised", "factored")
-
-
-class SVFError(ValueError):
-  """An expert or decomposition that does not fit the model it is used with."""
-
-
-def target_modules(params: dict, targets: str) -> list[tuple[str, str]]:
-  """(block, name) of every projection whose path 'layers/<block>/<name>' matches `targets`."""
-  try:
-    pattern = re.compile(targets)
-  except re.error as e:
-    raise SVFError(f"targets {targets!r} is not a valid regex: {e}") from None
-  layer = params["layers"][0]
-  paths = [(block, name) for block in sorted(layer) if isinstance(layer[block], dict)
-           for name in sorted(layer[block])]
-  found = [(b, n) for b, n in paths if pattern.search(f"layers/{b}/{n}")]
-  if not found:
-    raise SVFError(f"targets {targets!r} match no projection; paths are "
-                   f"{[f'layers/{b}/{n}' for b, n in paths]}.")
-  return found
-
-
-def module_rank(kernel_shape: tuple[int, ...], rank: int | None) -> int:
-  """Rank kept for a kernel [n, m]: min(n, m), or `rank` if smaller."""
-  full = min(kernel_shape[-2:])
-  return full if rank is None else min(int(rank), full)
-
-
-def hf_module_name(block: str, name: str, layer: int) -> str:
-  return f"model.layers.{layer}.{block}.{name}.weight"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +75,7 @@ def decompose(model, targets: str | None = None, rank: int | None = None, *,
               cache: bool = True, progress: bool = True) -> Decomposition:
   """SVD (float32 results) of every targeted kernel of every layer; loaded from
   ~/.cache/t2jax/svd when this (fingerprint, targets, rank) was decomposed before."""
-  targets = targets or DEFAULT_TARGETS
-  if rank is not None and rank < 1:
-    raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+  targets, rank = resolve(targets), check_rank(rank)
   memo = model.cache
   key = ("decomposition", targets, rank)
   if key in memo:
@@ -297,11 +265,10 @@ def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = 
     raise SVFError(f"parametrisation {parametrisation!r} is unknown; use one of "
                    f"{PARAMETRISATIONS}.")
   if factors is None:
-    if rank is not None and rank < 1:
-      raise SVFError(f"rank must be >= 1 or None (full); got {rank}.")
+    rank = check_rank(rank)
     params = llama.unstack_layers(llama.to_params(model))
     factors = jax.tree.map(jnp.asarray, _compute_factors(
-        params, target_modules(params, targets or DEFAULT_TARGETS), rank, progress=False))
+        params, target_modules(params, resolve(targets)), rank, progress=False))
     factors = stack_layers(factors) if model.scanned else factors
   if model.scanned != llama.is_stacked(factors):
     raise SVFError("a scanned model needs factors stacked over layers (svf.stack_layers), an "
@@ -377,20 +344,6 @@ def z_tree(model: llama.Llama) -> list:
   for i, block, name, _, m in svf_modules(model):
     tree[i].setdefault(block, {})[name] = m.z[...]
   return unstack_layers(tree[0]) if model.scanned else tree
-
-
-def hf_z(z_state) -> dict:
-  """nnx.state(model, nnx.Param) of an SVF model → {HF parameter name: z}, Expert.z's keys."""
-  out = {}
-  for path, leaf in nnx.to_flat_state(z_state):
-    if path[0] != "layers" or path[-1] != "z" or len(path) not in (4, 5):
-      raise SVFError(f"{'/'.join(map(str, path))} is not an SVF z.")
-    if len(path) == 5:  # layers/<i>/<block>/<name>/z
-      out[hf_module_name(path[2], path[3], int(path[1]))] = leaf[...]
-    else:  # a scanned model: layers/<block>/<name>/z, [L, r]
-      for i, z in enumerate(leaf[...]):
-        out[hf_module_name(path[1], path[2], i)] = z
-  return out
 
 
 def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: str,

@@ -15,6 +15,7 @@ import torch
 import t2jax
 from t2jax import expert as expert_lib
 from t2jax import svf
+from t2jax import targets as targets_lib
 from t2jax.models import llama
 from t2jax.svf import SVFError
 
@@ -76,7 +77,7 @@ def test_scale_identity_is_base(loaded, name, mode):
   model, _ = loaded(name)
   ids = _ids(model)
   base = np.asarray(model.logits(ids))
-  for targets in (svf.DEFAULT_TARGETS, ALL_PROJ):
+  for targets in (targets_lib.DEFAULT_TARGETS, ALL_PROJ):
     e = t2jax.Expert.init(model, targets=targets)
     out = np.asarray(model.logits(ids, e, svf_mode=mode))
     assert np.abs(out - base).max() <= 1e-4, (targets, np.abs(out - base).max())
@@ -104,9 +105,9 @@ def test_materialised_kernel_equals_numpy(loaded, parametrisation, rank):
   params = svf.materialise(model.params, dec.factors, e.z_tree(model),
                            parametrisation=parametrisation, max_mult=e.max_mult)
   state = torch_model.state_dict()
-  for block, proj in svf.target_modules(model.params, e.targets):
+  for block, proj in targets_lib.target_modules(model.params, e.targets):
     for layer in range(model.config.num_layers):
-      hf = svf.hf_module_name(block, proj, layer)
+      hf = targets_lib.hf_module_name(block, proj, layer)
       want = _numpy_adapted(state[hf].numpy(), e.z[hf], parametrisation, e.max_mult, rank)
       got = np.asarray(params["layers"][layer][block][proj]["kernel"]).T
       np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
@@ -306,7 +307,7 @@ def _svf_module(model, expert, mode="materialised", z=None):
                    parametrisation=expert.parametrisation, max_mult=expert.max_mult, mode=mode)
 
 
-@pytest.mark.parametrize("targets,rank", [(svf.DEFAULT_TARGETS, None), (ALL_PROJ, 4)])
+@pytest.mark.parametrize("targets,rank", [(targets_lib.DEFAULT_TARGETS, None), (ALL_PROJ, 4)])
 def test_apply_leaves_z_as_the_only_param(loaded, targets, rank):
   """nnx.state(model, nnx.Param) after svf.apply is exactly the expert's z: one leaf per
   targeted matrix, named by HF parameter name like Expert.z; everything else is Frozen."""
@@ -315,7 +316,7 @@ def test_apply_leaves_z_as_the_only_param(loaded, targets, rank):
   m = _svf_module(model, e)
   z_state = nnx.state(m, nnx.Param)
   assert len(jax.tree.leaves(z_state)) == len(e.z)
-  got = svf.hf_z(z_state)
+  got = targets_lib.hf_from_state(z_state)
   assert set(got) == set(e.z)
   for k, v in e.z.items():
     np.testing.assert_array_equal(np.asarray(got[k]), v)
@@ -325,7 +326,8 @@ def test_apply_leaves_z_as_the_only_param(loaded, targets, rank):
   # a fresh apply (no z) starts at the parametrisation's identity
   fresh = svf.apply(llama.Llama.from_params(model.config, model.params), targets=targets,
                     rank=rank)
-  assert all(np.all(np.asarray(v) == 1.0) for v in svf.hf_z(nnx.state(fresh, nnx.Param)).values())
+  fresh_z = targets_lib.hf_from_state(nnx.state(fresh, nnx.Param))
+  assert all(np.all(np.asarray(v) == 1.0) for v in fresh_z.values())
   with pytest.raises(SVFError, match="not a plain Linear"):
     svf.apply(m, targets=targets, rank=rank)
 
@@ -361,11 +363,11 @@ def test_split_program_matches_hf_and_its_gradient_the_functional_one(loaded, mo
     return jnp.sum(llama.full_logits(p, ids, mask, cfg=model.config) * weights)
 
   grad_tree = jax.jit(jax.grad(tree_loss))(jax.tree.map(jnp.asarray, e.z_tree(model)))
-  got = svf.hf_z(grad_state)
+  got = targets_lib.hf_from_state(grad_state)
   for layer, g_layer in enumerate(grad_tree):
     for block, names in g_layer.items():
       for name, g in names.items():
-        np.testing.assert_allclose(got[svf.hf_module_name(block, name, layer)], g,
+        np.testing.assert_allclose(got[targets_lib.hf_module_name(block, name, layer)], g,
                                    rtol=2e-3, atol=2e-3 * float(jnp.abs(g).max()))
 
 
@@ -430,5 +432,5 @@ def test_scanned_z_gradients_equal_unrolled(loaded, parametrisation, remat):
               parametrisation=parametrisation, max_mult=e.max_mult)
     outs.append(np.asarray(jax.jit(llama.model_logits)(m, ids, jnp.ones(ids.shape, bool))))
     if stack:  # the Param state of a scanned model still names every matrix of every layer
-      assert set(svf.hf_z(nnx.state(m, nnx.Param))) == set(e.z)
+      assert set(targets_lib.hf_from_state(nnx.state(m, nnx.Param))) == set(e.z)
   np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)
