@@ -8,7 +8,7 @@ model and an explicit mesh.
 
 Each is a `Program`: the jitted function, its static arguments, and its abstract inputs
 (ShapeDtypeStructs carrying the shardings it runs with). train.py calls them on arrays,
-compile.py lowers them on the abstract inputs for a TPU topology, bench/rl_step.py and the
+t2jax.compile lowers them on the abstract inputs for a TPU topology, bench/rl_step.py and the
 tests run the same ones: the fit check measures the step training runs, and nothing else
 wires the step by hand.
 
@@ -18,7 +18,7 @@ wires the step by hand.
     state, metrics = progs.update(state, rollouts, params, factors)
     progs.update.lower().compile().memory_analysis()
 
-params and factors may be arrays or ShapeDtypeStructs (compile.py builds nothing), laid out
+params and factors may be arrays or ShapeDtypeStructs (t2jax.compile builds nothing), laid out
 as the run's layers are (stacked over layers when config.scan_layers scans them).
 """
 

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from t2jax import compile as compile_lib, svf
+from t2jax import svf
+from t2jax.compile import CompileUsageError, abstract, cli
 from t2jax.models import presets
 
 needs_libtpu = pytest.mark.skipif(
@@ -169,14 +170,14 @@ def _shapes(tree):
 @pytest.mark.parametrize("name", ["llama_bias", "llama_mha_tied", "qwen2"])
 def test_abstract_params_and_factors_match_the_loaders(loaded, name):
   model, _ = loaded(name)
-  params = compile_lib.abstract_params(model.config, jnp.float32)
+  params = abstract.abstract_params(model.config, jnp.float32)
   assert _shapes(params) == _shapes(model.params)
   targets = r"(self_attn|mlp)/.*_proj"
   for rank in (None, 3):
     dec = svf.decompose(model, targets, rank, cache=False, progress=False)
-    assert (_shapes(compile_lib.abstract_factors(params, targets, rank))
+    assert (_shapes(abstract.abstract_factors(params, targets, rank))
             == _shapes(dec.factors))
-  bf16 = compile_lib.abstract_params(model.config, jnp.bfloat16)
+  bf16 = abstract.abstract_params(model.config, jnp.bfloat16)
   assert {jnp.dtype(x.dtype) for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -191,7 +192,7 @@ def test_presets_are_the_published_sizes():
 
 def test_parse_rule():
   P = jax.sharding.PartitionSpec
-  assert compile_lib.parse_rule("up_proj/ut$=fsdp,tensor") == ("up_proj/ut$", P("fsdp", "tensor"))
-  assert compile_lib.parse_rule("a=b=data+fsdp,-") == ("a=b", P(("data", "fsdp"), None))
-  with pytest.raises(compile_lib.CompileUsageError, match="not 'REGEX=AXES'"):
-    compile_lib.parse_rule("fsdp,tensor")
+  assert cli.parse_rule("up_proj/ut$=fsdp,tensor") == ("up_proj/ut$", P("fsdp", "tensor"))
+  assert cli.parse_rule("a=b=data+fsdp,-") == ("a=b", P(("data", "fsdp"), None))
+  with pytest.raises(CompileUsageError, match="not 'REGEX=AXES'"):
+    cli.parse_rule("fsdp,tensor")

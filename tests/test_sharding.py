@@ -253,7 +253,7 @@ print(json.dumps({
 
 
 def test_the_factory_sampler_programs_are_the_ones_rollouts_run(checkpoint):
-  """The prefill and decode the program factory hands compile.py lower, on its abstract
+  """The prefill and decode the program factory hands t2jax.compile lower, on its abstract
   inputs, to exactly the programs sampling.run lowers on a training step's arrays: the same
   static arguments, shapes, dtypes and shardings (decode's input is prefill's output)."""
   path, _ = checkpoint("llama")
