@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from t2jax import svf
-from t2jax.compile import CompileUsageError, abstract, cli
+from t2jax.compile import CompileUsageError, abstract, cli, roofline
 from t2jax.models import presets
 
 needs_libtpu = pytest.mark.skipif(
@@ -81,6 +81,39 @@ def test_default_config_fits_v5e_2x2(default_report):
   cache = 30 * 2 * s["batch"] * s["samples"] * 3 * s["cache_len"] * 64 * 4 // 4
   assert programs["decode"]["alias"] >= cache
   assert programs["prefill"]["output"] >= cache
+
+
+@needs_libtpu
+def test_default_config_projects_step_times(default_report):
+  """The PROJECTED roofline, recomputed by hand from the cost figures in the JSON: the costs
+  of the 1- and 2-layer unrolled cuts grown to 30 layers, each program's time the larger of
+  flops / 197 TFLOP/s and bytes / 819 GB/s (v5e), decode tokens/s the batch's 64 rows per
+  decode step; and the flops of a forward pass, 2 per weight per token."""
+  proc, out = default_report
+  proj = out["projected"]
+  assert "PROJECTED, not measured (roofline per chip" in proc.stdout
+  assert (proj["peak_flops_per_s"], proj["hbm_bytes_per_s"]) == (197e12, 819e9)
+  one, two = proj["cuts"]
+  for name, p in proj["programs"].items():
+    for key in ("flops", "bytes_accessed"):
+      assert p[key] == one[name][key] + 29 * (two[name][key] - one[name][key]), (name, key)
+    compute_s, memory_s = p["flops"] / 197e12, p["bytes_accessed"] / 819e9
+    assert p["seconds"] == max(compute_s, memory_s), name
+    assert p["bound"] == ("compute" if compute_s >= memory_s else "memory"), name
+    assert f"\n{name} " in proc.stdout.split("PROJECTED, not measured")[1]
+  assert proj["update_step_s"] == proj["programs"]["update"]["seconds"]
+  assert proj["decode_step_s"] == proj["programs"]["decode"]["seconds"]
+  assert proj["decode_tokens_per_s"] == pytest.approx(64 / proj["decode_step_s"], rel=1e-12)
+  assert f"PROJECTED decode step {proj['decode_step_s'] * 1e3:.3f} ms, " \
+         f"{proj['decode_tokens_per_s']:,.0f} tokens/s" in proc.stdout
+  # one decode step: every weight once for each of the chip's 16 rows (2 flops a weight)
+  weights = out["params"]
+  assert proj["programs"]["decode"]["flops"] == pytest.approx(2 * weights * 16, rel=0.1)
+  # prefill: the 16 rows' prompts through every weight but the tied lm_head (last token only)
+  cfg, _ = presets.model_config("")
+  body = weights - cfg.vocab_size * cfg.hidden_size
+  tokens = 16 * out["shapes"]["prompt_len"]
+  assert proj["programs"]["prefill"]["flops"] == pytest.approx(2 * body * tokens, rel=0.1)
 
 
 @needs_libtpu
@@ -196,3 +229,35 @@ def test_parse_rule():
   assert cli.parse_rule("a=b=data+fsdp,-") == ("a=b", P(("data", "fsdp"), None))
   with pytest.raises(CompileUsageError, match="not 'REGEX=AXES'"):
     cli.parse_rule("fsdp,tensor")
+
+
+class _Compiled:
+  def __init__(self, analysis):
+    self.analysis = analysis
+
+  def cost_analysis(self):
+    return self.analysis
+
+
+def test_roofline_reads_both_cost_analysis_forms_and_projects():
+  fields = {"flops": 3e12, "bytes accessed": 2e9, "optimal_seconds": 0.1}
+  assert roofline.costs(_Compiled(fields)) == (3e12, 2e9, "")
+  assert roofline.costs(_Compiled([fields])) == (3e12, 2e9, "")  # older jax: one per program
+  flops, bytes_accessed, why = roofline.costs(_Compiled({"flops": 1.0}))
+  assert (flops, bytes_accessed) == (0, 0) and "no 'bytes accessed'" in why
+  # v6e: 918 TFLOP/s, 1638 GB/s. update: 9.18e12 flops = 10 ms of compute, 1.638e9 bytes = 1
+  # ms of HBM → 10 ms, compute-bound; decode: 3.276e9 bytes = 2 ms → 2 ms, memory-bound, and
+  # 32 rows / 2 ms = 16,000 tokens/s
+  proj = roofline.project({"update": (9.18e12, 1.638e9), "decode": (1e9, 3.276e9)},
+                          "TPU v6 lite", rows=32, source="test")
+  assert proj["update_step_s"] == pytest.approx(0.010)
+  assert proj["decode_step_s"] == pytest.approx(0.002)
+  assert proj["programs"]["update"]["bound"] == "compute"
+  assert proj["programs"]["decode"]["bound"] == "memory"
+  assert proj["decode_tokens_per_s"] == pytest.approx(16_000)
+  text = "\n".join(roofline.format_projection(proj))
+  assert "PROJECTED update step 10.000 ms" in text
+  assert "PROJECTED decode step 2.000 ms, 16,000 tokens/s" in text
+  unknown = roofline.project({"update": (1.0, 1.0)}, "TPU v2", rows=1, source="test")
+  assert "no bf16 peak and HBM bandwidth known for 'TPU v2'" in unknown["error"]
+  assert roofline.format_projection(unknown)[0].startswith("PROJECTED: not available")

@@ -16,7 +16,7 @@ abstract inputs, for both.
 The package, one job a module: topology (a topology's compile-only devices and their HBM),
 abstract (params and SVD factors as sharded ShapeDtypeStructs, what stays resident), plan (a
 training step's programs compiled for a topology), report (what XLA says of each compiled
-program, extrapolation, the text), cli (the flags).
+program, extrapolation, the text), roofline (the PROJECTED times), cli (the flags).
 
 Per device, from XLA's buffer assignment (`compiled.memory_analysis()`):
 
@@ -45,6 +45,13 @@ its first N decoder layers (PARTIAL), `--extrapolate A,B` compiles the first A a
 and reports the whole model with every size grown by the per-layer cost (EXTRAPOLATED: an
 estimate; on the default model each program's total came within -11 % / +74 % of the whole
 compile, params, factors and arguments exactly).
+
+PROJECTED times (roofline.py), not measured: per chip, each program takes max(flops / bf16
+peak FLOP/s, bytes accessed / HBM bandwidth), from XLA's `cost_analysis()` and the chip's
+published peaks (v4, v5e, v5p, v6e); the update step is the update program, a decode step the
+decode program's loop body (one token for every row), tokens/s the rows over it. XLA counts a
+loop body once, so with layers scanned or the update in microbatches the costs come from two
+more small compiles (1 and 2 unrolled layers, one microbatch) grown to the model's depth.
 
   python -m t2jax.compile --config configs/math.py --topology v5e:2x2
   python -m t2jax.compile --config configs/math.py --topology v5e:4x4 \

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
                                  for n in cuts))
     else:
       out = plan.plan(f.config, topo, f.prompt_len, f.programs, f.layers)
+    out["projected"] = plan.projection(f.config, topo, out, f.programs)
     out["extra_rules"] = [f"{pattern} → {spec}" for pattern, spec in rules]
     out["config"] = config_flags.get_config_filename(f["config"])
     print(report.format_report(out), flush=True)

@@ -7,11 +7,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from t2jax import programs as programs_lib
 from t2jax import run_setup, sampling, sharding, svf
 from t2jax import targets as targets_lib
-from t2jax.compile import CompileUsageError
+from t2jax.compile import CompileUsageError, roofline
 from t2jax.compile.abstract import (abstract_factors, abstract_params, largest_leaves,
                                     per_device_bytes)
 from t2jax.compile.report import Report, compile_program, gib
@@ -133,3 +134,34 @@ def plan(cfg, topo: Topology, prompt_len: int = 0, programs: str = "all",
       "programs": [{**dataclasses.asdict(r), "fits": r.fits(topo.hbm_bytes)} for r in reports],
       "fits": fits,
   }
+
+
+def projection(cfg, topo: Topology, out: dict, programs: str = "all") -> dict:
+  """The PROJECTED times (roofline.project) of the programs in `out`, a report of `plan` or
+  `extrapolate` for `cfg`. XLA's cost_analysis() counts a loop body once: a scanned layer
+  stack as one layer, the update's microbatch loop as one microbatch. Unless `out` compiled
+  unrolled layers in one microbatch, the costs come from two more compiles, of the model cut to
+  1 and 2 unrolled layers with the update in one microbatch, grown linearly to out's layers."""
+  rows = out["shapes"]["batch"] * out["shapes"]["samples"]
+  if all(p["error"] for p in out["programs"]):
+    return {"error": "no program compiled"}
+  if not out["scanned"] and out["microbatches"] == 1 and not out.get("extrapolated_from"):
+    own = {p["name"]: (p["flops"], p["bytes_accessed"]) for p in out["programs"]
+           if not p["error"] and not p["cost_error"]}
+    return roofline.project(own, topo.device_kind, rows, "the compiled programs")
+  unrolled = ml_collections.ConfigDict({**cfg.to_dict(), "scan_layers": False,
+                                        "microbatches": 1})
+  cuts = [plan(unrolled, topo, out["shapes"]["prompt_len"], programs, n)
+          for n in (1, 2)[:out["full_layers"]]]
+  layers, grown = out["layers"], {}
+  for at_1, at_2 in zip(cuts[0]["programs"], cuts[-1]["programs"]):
+    if at_1["error"] or at_2["error"] or at_1["cost_error"] or at_2["cost_error"]:
+      continue
+    grow = lambda k: at_1[k] + (layers - 1) * (at_2[k] - at_1[k])  # exact: unrolled is linear
+    grown[at_1["name"]] = (grow("flops"), grow("bytes_accessed"))
+  source = (f"compiles of the first 1 and 2 decoder layers, unrolled, update in one "
+            f"microbatch, grown to {layers} layers")
+  proj = roofline.project(grown, topo.device_kind, rows, source)
+  proj["cuts"] = [{p["name"]: {"flops": p["flops"], "bytes_accessed": p["bytes_accessed"]}
+                   for p in c["programs"]} for c in cuts]
+  return proj

@@ -1,5 +1,5 @@
-"""What XLA says of each compiled program (`memory_analysis()`), a whole model extrapolated
-from two partial compiles, and the text report."""
+"""What XLA says of each compiled program (`memory_analysis()`, and `cost_analysis()` for
+roofline.py), a whole model extrapolated from two partial compiles, and the text report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import time
 
 from t2jax import programs as programs_lib
-from t2jax.compile import GIB
+from t2jax.compile import GIB, roofline
 from t2jax.compile.topology import SIZE, xla_bytes
 
 
@@ -27,6 +27,9 @@ class Report:
   other_live: int = 0
   total: int = 0  # peak + other_live
   error: str = ""  # XLA refused the program (out of HBM): `total` is what it asked for
+  flops: float = 0.0  # per device, from XLA's cost_analysis(): a loop body counted once
+  bytes_accessed: float = 0.0
+  cost_error: str = ""  # why flops and bytes_accessed are missing
 
   def fits(self, hbm: int) -> bool:
     return not self.error and self.total <= hbm
@@ -67,8 +70,8 @@ def compile_program(name: str, what: str, program: programs_lib.Program, other_l
   rep.bound = rep.argument + rep.output - rep.alias + rep.temp + rep.code
   rep.peak = getattr(mem, "peak_memory_in_bytes", 0) or rep.bound
   rep.total = rep.peak + rep.other_live
+  rep.flops, rep.bytes_accessed, rep.cost_error = roofline.costs(compiled)
   return rep, compiled
-
 
 
 _SIZES = ("argument", "output", "alias", "temp", "code", "peak", "bound", "other_live", "total")
@@ -145,6 +148,8 @@ def format_report(out: dict) -> str:
   lines.append("")
   lines.append("total = XLA peak (arguments, outputs and the temporaries live at one moment) + "
                "other live (params, factors, state resident while sampling)")
+  if "projected" in out:
+    lines += ["", *roofline.format_projection(out["projected"]), ""]
   verdict = "fits" if out["fits"] else "does NOT fit"
   lines.append(f"{verdict} on {out['topology']}")
   return "\n".join(lines)
