@@ -69,9 +69,10 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave({"config": config, "fingerprint": fingerprint, "step": step})))
 
-  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-    """The state (shaped and placed like `like`) and the data iterator state of `step`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  def restore(self, step: int, like: Any = None) -> tuple[Any, dict]:
+    """The state (shaped and placed like `like`; without it, as saved: nested dicts and lists
+    of arrays) and the data iterator state of `step`."""
+    abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     got = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return got["state"], got["data"]

@@ -1,0 +1,116 @@
+"""Crashes and what they leave behind: a run SIGKILLed at several moments and started again
+ends bitwise equal to an uninterrupted one.
+
+Runs that get killed are subprocesses (tests/crash_child.py, which installs the kill hooks);
+they share a JAX compilation cache, so only the first of each layout pays the compiles.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import t2jax
+from conftest import tiny_config
+from crash_child import CONFIG
+from t2jax import checkpoint, reporting
+from t2jax.train import train
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+# wall-clock fields of a metrics line: the only ones a resumed run may change
+TIMING = ("rollout_s", "update_s", "tokens_per_s", "time")
+
+
+@pytest.fixture(scope="module")
+def child_env(tmp_path_factory) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "PYTHONPATH": os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]),
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module")
+def straight(chat_model_dir, tmp_path_factory) -> str:
+  """The workdir of the uninterrupted run, in this process on one device."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train(tiny_config(chat_model_dir, **CONFIG), workdir, progress=False)
+  return workdir
+
+
+def _child(env: dict, model_dir: str, workdir: str, *args: str, processes: int = 1,
+           devices: int = 1) -> subprocess.CompletedProcess:
+  """tests/crash_child.py with `args` (KEY=VALUE overrides, a WHERE:STEP kill) in fresh
+  interpreters, `processes` of them through the launcher, with `devices` CPU devices each:
+  nothing survives a kill but the workdir."""
+  command = [sys.executable, os.path.join(TESTS, "crash_child.py"), model_dir, workdir, *args]
+  if processes > 1:
+    command = [LAUNCH, str(processes), "--devices", str(devices), "--", *command]
+  elif devices > 1:
+    env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+
+
+def _z(workdir: str) -> dict:
+  return t2jax.Expert.load(os.path.join(workdir, "expert")).z
+
+
+def _metrics(workdir: str) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in reporting.read_metrics(os.path.join(workdir, reporting.METRICS_FILE))]
+
+
+def _checkpoints(workdir: str) -> checkpoint.Checkpoints:
+  return checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
+
+
+def _assert_same_run(a: str, b: str) -> None:
+  """Bitwise: the exported z, the last checkpoint (z, optimizer state, step, rng, data
+  iterator) and metrics.jsonl but for its wall-clock fields."""
+  z_a, z_b = _z(a), _z(b)
+  assert z_a.keys() == z_b.keys()
+  for k in z_a:
+    np.testing.assert_array_equal(z_a[k], z_b[k], err_msg=k)
+  saved = []
+  for workdir in (a, b):
+    ckpt = _checkpoints(workdir)
+    saved.append(ckpt.restore(ckpt.latest_step()))
+    ckpt.close()
+  (state_a, data_a), (state_b, data_b) = saved
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert data_a == data_b
+  assert _metrics(a) == _metrics(b)
+
+
+# (where:step the run is killed, the checkpoint it leaves as the latest); 6 steps, saved at 2,
+# 4, 6. log:4 leaves half a metrics line, save:4 step 4's files half written.
+KILLS = [("update:3", 2), ("log:4", 2), ("save:4", 2), ("rollout:5", 4)]
+
+
+def test_a_run_killed_four_times_ends_bitwise_equal(chat_model_dir, straight, child_env,
+                                                    tmp_path):
+  killed = str(tmp_path / "killed")
+  for kill, latest in KILLS:
+    out = _child(child_env, chat_model_dir, killed, kill)
+    assert out.returncode == -9, (kill, out.stderr[-4000:])  # SIGKILL
+    assert _checkpoints(killed).latest_step() == latest, kill
+    if kill.startswith("log"):
+      with open(os.path.join(killed, reporting.METRICS_FILE)) as f:
+        assert not f.read().endswith("\n"), "no half-written line"
+    if kill.startswith("save"):
+      assert glob.glob(os.path.join(killed, "checkpoints", "4.*")), "the save had finished"
+  out = _child(child_env, chat_model_dir, killed)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "from step 4" in out.stderr
+  _assert_same_run(straight, killed)
+  assert [r["step"] for r in _metrics(killed)] == [1, 2, 3, 4, 5, 6]
