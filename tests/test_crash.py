@@ -1,5 +1,5 @@
 """Crashes and what they leave behind: a run SIGKILLed at several moments and started again
-ends bitwise equal to an uninterrupted one.
+ends bitwise equal to an uninterrupted one; a damaged checkpoint is named, never trusted.
 
 Runs that get killed are subprocesses (tests/crash_child.py, which installs the kill hooks);
 they share a JAX compilation cache, so only the first of each layout pays the compiles.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -114,3 +116,33 @@ def test_a_run_killed_four_times_ends_bitwise_equal(chat_model_dir, straight, ch
   assert "from step 4" in out.stderr
   _assert_same_run(straight, killed)
   assert [r["step"] for r in _metrics(killed)] == [1, 2, 3, 4, 5, 6]
+
+
+def _damage(path: str, how: str) -> None:
+  if how == "truncated":
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif how == "zeroed":
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      f.write(b"\0" * size)
+  else:
+    os.remove(path)
+
+
+@pytest.mark.parametrize("part,how", [("meta/metadata", "truncated"),  # read by the config check
+                                      ("state/d/*", "zeroed"),  # the arrays
+                                      ("data/metadata", "deleted")])  # the data iterator
+def test_an_unreadable_checkpoint_is_refused_naming_what_to_delete(chat_model_dir, straight,
+                                                                    tmp_path, part, how):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(straight, workdir)
+  (path,) = glob.glob(os.path.join(workdir, "checkpoints", "6", part))
+  _damage(path, how)
+  cfg = tiny_config(chat_model_dir, **CONFIG)
+  with pytest.raises(checkpoint.CheckpointError, match="delete .* to resume from step 4") as e:
+    train(cfg, workdir, progress=False)
+  bad = re.search(r"delete (\S+) to", str(e.value)).group(1)
+  assert bad == os.path.join(workdir, "checkpoints", "6")
+  shutil.rmtree(bad)  # as told: the run goes on from step 4 to the uninterrupted end
+  train(cfg, workdir, progress=False)
+  _assert_same_run(straight, workdir)
