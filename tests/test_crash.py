@@ -1,5 +1,5 @@
 """Crashes and what they leave behind: a run SIGKILLed at several moments and started again
-ends bitwise equal to an uninterrupted one; a damaged checkpoint is named, never trusted.
+ends bitwise equal to an uninterrupted one; a damaged checkpoint or expert file is named, never trusted.
 
 Runs that get killed are subprocesses (tests/crash_child.py, which installs the kill hooks);
 they share a JAX compilation cache, so only the first of each layout pays the compiles.
@@ -146,3 +146,12 @@ def test_an_unreadable_checkpoint_is_refused_naming_what_to_delete(chat_model_di
   shutil.rmtree(bad)  # as told: the run goes on from step 4 to the uninterrupted end
   train(cfg, workdir, progress=False)
   _assert_same_run(straight, workdir)
+
+
+@pytest.mark.parametrize("name", ["z.safetensors", "expert.json"])
+def test_a_truncated_expert_file_is_named(straight, tmp_path, name):
+  expert = str(tmp_path / "expert")
+  shutil.copytree(os.path.join(straight, "expert"), expert)
+  _damage(os.path.join(expert, name), "truncated")
+  with pytest.raises(ValueError, match=re.escape(os.path.join(expert, name))):
+    t2jax.Expert.load(expert)
