@@ -1,5 +1,5 @@
 """Crashes and what they leave behind: a run SIGKILLed at several moments and started again
-ends bitwise equal to an uninterrupted one; a damaged checkpoint or expert file is named, never trusted.
+ends bitwise equal to an uninterrupted one; a damaged checkpoint, expert or SVD cache file is named, never trusted.
 
 Runs that get killed are subprocesses (tests/crash_child.py, which installs the kill hooks);
 they share a JAX compilation cache, so only the first of each layout pays the compiles.
@@ -21,7 +21,7 @@ import pytest
 import t2jax
 from conftest import tiny_config
 from crash_child import CONFIG
-from t2jax import checkpoint, reporting
+from t2jax import checkpoint, reporting, svf
 from t2jax.train import train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -155,3 +155,17 @@ def test_a_truncated_expert_file_is_named(straight, tmp_path, name):
   _damage(os.path.join(expert, name), "truncated")
   with pytest.raises(ValueError, match=re.escape(os.path.join(expert, name))):
     t2jax.Expert.load(expert)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "deleted"])
+def test_a_damaged_svd_cache_file_is_named_and_rebuilt(chat_model_dir, tmp_path, monkeypatch,
+                                                       how):
+  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+  first = svf.decompose(t2jax.load_model(chat_model_dir), progress=False)
+  (path,) = glob.glob(str(tmp_path / "cache" / "svd" / "*" / "mlp.up_proj.v.npy"))
+  _damage(path, how)
+  with pytest.warns(UserWarning, match=re.escape(path)):
+    again = svf.decompose(t2jax.load_model(chat_model_dir), progress=False)  # no memo
+  jax.tree.map(np.testing.assert_array_equal, first.factors, again.factors)
+  monkeypatch.setattr(svf, "_compute_factors", lambda *a, **k: pytest.fail("not rebuilt"))
+  svf.decompose(t2jax.load_model(chat_model_dir), progress=False)  # the rebuilt cache is read
