@@ -30,6 +30,7 @@ from t2jax.train import train
 # 4 prompts a batch: splits over the 4 devices of the cross-layout test
 CONFIG = dict(steps=6, checkpoint_every=2, batch_size=4)
 _saving: list[checkpoint.Checkpoints] = []  # the run's checkpoints, once it has saved
+_kill_after_saving: list[int] = []  # steps
 
 
 def _die(*, settled: bool = True) -> None:
@@ -38,70 +39,68 @@ def _die(*, settled: bool = True) -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _remember_checkpoints():
+def _watch_saves() -> None:
   real_save = checkpoint.Checkpoints.save
 
   @functools.wraps(real_save)
   def save(self, step, *args, **kwargs):
     _saving[:] = [self]
     real_save(self, step, *args, **kwargs)
-    if step == save.kill_at:
+    if step in _kill_after_saving:
       _die(settled=False)
 
-  save.kill_at = None
   checkpoint.Checkpoints.save = save
-  return save
 
 
-def install(where: str, at: int) -> None:
-  """Patches the hook that kills this process at `where` during step `at` (1-based)."""
-  save = _remember_checkpoints()
-  if where == "rollout":
-    real_seed, real_collect = trainer.rollout_seed, trainer.collect
+def _kill_in_reward(at: int) -> None:
+  real_seed, real_collect = trainer.rollout_seed, trainer.collect
+  running = [0]  # the step being run, 1-based: its seed is drawn just before collect
 
-    def collect(*args, **kwargs):  # the step's seed was drawn just before this call
-      task = kwargs["task"]
-      if collect.step + 1 == at:
-        type(task).reward = lambda self, rec, text: _die()
-      return real_collect(*args, **kwargs)
+  def rollout_seed(rng, step):
+    running[0] = step + 1
+    return real_seed(rng, step)
 
-    def rollout_seed(rng, step):
-      collect.step = step  # 0-based: the step being run
-      return real_seed(rng, step)
+  def collect(*args, **kwargs):
+    if running[0] == at:
+      type(kwargs["task"]).reward = lambda self, rec, text: _die()
+    return real_collect(*args, **kwargs)
 
-    collect.step = -1
-    trainer.rollout_seed, trainer.collect = rollout_seed, collect
-  elif where == "update":
-    real_make = trainer.make_step_fn
+  trainer.rollout_seed, trainer.collect = rollout_seed, collect
 
-    def make_step_fn(*args, **kwargs):
-      step_fn = real_make(*args, **kwargs)
 
-      def step(*a):
-        state, metrics = step_fn(*a)
-        if int(jax.block_until_ready(state).step) == at:
-          _die()
-        return state, metrics
+def _kill_after_update(at: int) -> None:
+  real_make = trainer.make_step_fn
 
-      return step
+  def make_step_fn(*args, **kwargs):
+    step_fn = real_make(*args, **kwargs)
 
-    trainer.make_step_fn = make_step_fn
-  elif where == "log":
-    real_write = reporting.RunLog._write  # pylint: disable=protected-access
-
-    def write(self, record):
-      if record.get("kind") == "train" and record["step"] == at:
-        line = reporting._line(record)  # pylint: disable=protected-access
-        self._file.write(line[:len(line) // 2])  # pylint: disable=protected-access
-        self._file.flush()  # pylint: disable=protected-access
+    def step(*a):
+      state, metrics = step_fn(*a)
+      if int(jax.block_until_ready(state).step) == at:
         _die()
-      real_write(self, record)
+      return state, metrics
 
-    reporting.RunLog._write = write  # pylint: disable=protected-access
-  elif where == "save":
-    save.kill_at = at
-  else:
-    raise SystemExit(f"unknown kill point {where!r}")
+    return step
+
+  trainer.make_step_fn = make_step_fn
+
+
+def _kill_mid_line(at: int) -> None:
+  real_write = reporting.RunLog._write  # pylint: disable=protected-access
+
+  def write(self, record):
+    if record.get("kind") == "train" and record["step"] == at:
+      line = reporting._line(record)  # pylint: disable=protected-access
+      self._file.write(line[:len(line) // 2])  # pylint: disable=protected-access
+      self._file.flush()  # pylint: disable=protected-access
+      _die()
+    real_write(self, record)
+
+  reporting.RunLog._write = write  # pylint: disable=protected-access
+
+
+HOOKS = {"rollout": _kill_in_reward, "update": _kill_after_update, "log": _kill_mid_line,
+          "save": _kill_after_saving.append}
 
 
 def main(argv: list[str]) -> None:
@@ -112,9 +111,10 @@ def main(argv: list[str]) -> None:
     if "=" in arg:  # a config override, KEY=VALUE
       key, value = arg.split("=", 1)
       overrides[key] = ast.literal_eval(value)
-    else:
+    else:  # a kill point, WHERE:STEP
       where, at = arg.split(":")
-      install(where, int(at))
+      _watch_saves()
+      HOOKS[where](int(at))
   train(tiny_config(model_dir, **overrides), workdir, progress=False)
 
 
