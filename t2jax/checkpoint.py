@@ -3,7 +3,10 @@ can write, such as gs://bucket/run on a pod) holding the train state (z, optimiz
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous checkpoint as the latest. A workdir whose checkpoint was made by
-an incompatible config is refused before anything is written.
+an incompatible config is refused before anything is written, and so is one whose latest
+checkpoint cannot be read: the error names the step directory to delete. It is refused, not
+skipped for an earlier one: an unreadable file may be a passing storage fault, and the next
+save of that step would collide with it.
 """
 
 from __future__ import annotations
@@ -62,8 +65,7 @@ class Checkpoints:
     step = self.latest_step()
     if step is None:
       return
-    saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    saved = saved["meta"]
+    saved = self._read(step, meta=ocp.args.JsonRestore())["meta"]
     diffs = [k for k in _compared_keys(saved["config"])
              if _value(saved["config"], k) != _value(config, k)]
     if saved["fingerprint"] != fingerprint:
@@ -83,12 +85,25 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave({"config": config, "fingerprint": fingerprint, "step": step})))
 
-  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-    """The state (shaped and placed like `like`) and the data iterator state of `step`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    got = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  def restore(self, step: int, like: Any = None) -> tuple[Any, dict]:
+    """The state (shaped and placed like `like`; without it, as saved: nested dicts and lists
+    of arrays) and the data iterator state of `step`."""
+    abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    got = self._read(step, state=ocp.args.StandardRestore(abstract),
+                     data=ocp.args.JsonRestore())
     return got["state"], got["data"]
+
+  def _read(self, step: int, **items) -> dict:
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises JSON, file and tensorstore errors alike
+      path = os.path.join(self.directory, str(step))
+      earlier = [s for s in self._manager.all_steps() if s < step]
+      then = f"resume from step {max(earlier)}" if earlier else "start over"
+      cause = str(e)[:300]  # tensorstore's errors carry whole specs; the chain keeps them
+      raise CheckpointError(
+          f"checkpoint {path} cannot be read ({type(e).__name__}: {cause}). If it is damaged "
+          f"or incomplete, delete {path} to {then}.") from e
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

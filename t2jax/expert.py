@@ -4,11 +4,12 @@ name) plus the metadata that ties it to one model, target set, rank and parametr
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,11 +128,13 @@ class Expert:
     meta_path, z_path = os.path.join(path, _META), os.path.join(path, _Z)
     if not os.path.isfile(meta_path) or not os.path.isfile(z_path):
       raise FileNotFoundError(f"{path} is not an expert directory (needs {_META} and {_Z}).")
-    with open(meta_path) as f:
+    with _reading(meta_path), open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("format") != FORMAT:
       raise SVFError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
-    return cls(z=dict(load_file(z_path)), fingerprint=meta["fingerprint"],
+    with _reading(z_path):
+      z = dict(load_file(z_path))
+    return cls(z=z, fingerprint=meta["fingerprint"],
                targets=meta["targets"], rank=meta["rank"],
                parametrisation=meta["parametrisation"], name=meta["name"],
                max_mult=meta["max_mult"], metrics=meta.get("metrics", {}))
@@ -152,6 +155,16 @@ class Expert:
                  max_mult=max_mult)
     expert.check(model)
     return expert
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+  """Errors while reading `path` name it: a copy or save cut short leaves a truncated file."""
+  try:
+    yield
+  except Exception as e:  # json, safetensors and OS errors alike
+    raise SVFError(f"{path} cannot be read ({type(e).__name__}: {e}); the expert is damaged or "
+                   "incomplete: copy or save it again.") from e
 
 
 # ---------------------------------------------------------------------------------------------

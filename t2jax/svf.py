@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 
 import flax.nnx as nnx
 import flax.struct
@@ -82,9 +83,10 @@ def decompose(model, targets: str | None = None, rank: int | None = None, *,
     return memo[key]
   modules = target_modules(model.params, targets)
   path = _cache_dir(model.fingerprint, targets, rank)
+  factors = None
   if cache and os.path.isfile(os.path.join(path, "meta.json")):
     factors = _load_factors(path, modules, len(model.params["layers"]))
-  else:
+  if factors is None:
     factors = _compute_factors(model.params, modules, rank, progress)
     if cache:
       _save_factors(path, factors, dict(fingerprint=model.fingerprint, targets=targets,
@@ -126,11 +128,21 @@ def _save_factors(path: str, factors: list, meta: dict) -> None:
     pass  # a read-only cache only costs the next run the SVD time
 
 
-def _load_factors(path: str, modules, num_layers: int) -> list:
+def _load_factors(path: str, modules, num_layers: int) -> list | None:
+  """The cached factors, or None when a file is damaged (a warning names it): the cache is
+  only derived data, so it is computed again."""
   factors: list = [{} for _ in range(num_layers)]
   for block, name in modules:
-    parts = {part: np.load(os.path.join(path, f"{block}.{name}.{part}.npy"), mmap_mode="r")
-             for part in ("v", "s", "ut", "s_total")}
+    parts = {}
+    for part in ("v", "s", "ut", "s_total"):
+      file = os.path.join(path, f"{block}.{name}.{part}.npy")
+      try:
+        parts[part] = np.load(file, mmap_mode="r")
+        if parts[part].shape[:1] != (num_layers,):
+          raise ValueError(f"shape {parts[part].shape}, not {num_layers} layers")
+      except (OSError, ValueError) as e:
+        warnings.warn(f"SVD cache file {file} cannot be read ({e}); decomposing again.")
+        return None
     for layer in range(num_layers):
       factors[layer].setdefault(block, {})[name] = {k: v[layer] for k, v in parts.items()}
   return factors
