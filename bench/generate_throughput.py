@@ -4,9 +4,12 @@ next to HF transformers `generate` on the same prompts, in one run.
     python bench/generate_throughput.py                       # batch 8 and 32, all variants
     python bench/generate_throughput.py --batch 8 --variants base,hf --new-tokens 128
     python bench/generate_throughput.py --batch 8 --variants hf,base --rounds 3  # noisy machine
+    python bench/generate_throughput.py --trees old=../t2jax-old,new=.  # two commits, one run
 
 Every (variant, batch) runs in its own subprocess, one after another, so peak RSS is per
-variant and the runs do not share the 2 cores. Sampling at temperature 0.7 with
+variant and the runs do not share the 2 cores. With --trees, the t2jax variants run from each
+source tree (e.g. a worktree of the commit before a change, and this one), interleaved, and
+the ratios compare each tree with the first. Sampling at temperature 0.7 with
 min_new_tokens = max_new_tokens: every variant generates exactly batch × new_tokens tokens.
 Prints one JSON object. The HF variant needs the test extra (torch, accelerate).
 """
@@ -116,6 +119,31 @@ def child(variant: str, batch: int, new_tokens: int, reps: int) -> None:
   print(json.dumps(result))
 
 
+def _tok_s(row: dict, name: str) -> float | None:
+  return row.get(name, {}).get("tokens_per_s")
+
+
+def _ratios(row: dict, labels: list[str]) -> dict[str, float]:
+  """Per tree: shared and per_row over its base, its base over HF; each later tree's cells
+  over the first tree's."""
+  out = {}
+  hf = _tok_s(row, "hf")
+  for label in labels:
+    pre = f"{label}:" if label else ""
+    base = _tok_s(row, pre + "base")
+    for variant in ("shared", "per_row"):
+      if base and _tok_s(row, pre + variant):
+        out[f"{pre}{variant}_over_base"] = round(_tok_s(row, pre + variant) / base, 2)
+    if base and hf:
+      out[f"{pre}base_over_hf"] = round(base / hf, 2)
+  for label in labels[1:]:
+    for variant in ("base", "shared", "per_row"):
+      new, old = _tok_s(row, f"{label}:{variant}"), _tok_s(row, f"{labels[0]}:{variant}")
+      if new and old:
+        out[f"{label}_over_{labels[0]}:{variant}"] = round(new / old, 3)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--batch", default="8,32", help="comma-separated batch sizes")
@@ -124,6 +152,9 @@ def main() -> None:
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--rounds", type=int, default=1,
                  help="run every variant this many times, interleaved; report each one's best")
+  p.add_argument("--trees", default="",
+                 help="label=DIR,...: run the t2jax variants from each source tree (a checkout "
+                      "with t2jax/ and bench/); default: this one")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
@@ -135,31 +166,36 @@ def main() -> None:
     sys.exit(f"unknown variants {unknown}; choose from {VARIANTS}")
   result = {"new_tokens": args.new_tokens, "temperature": 0.7, "dtype": "float32",
             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": {}}
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  trees = dict(t.split("=", 1) for t in args.trees.split(",") if t) or {"": here}
+  for label, tree in trees.items():
+    if not os.path.isfile(os.path.join(tree, "bench", "generate_throughput.py")):
+      sys.exit(f"--trees {label}={tree}: no bench/generate_throughput.py there")
+  # (label of the tree, variant): HF runs once, from this tree
+  cells = [(label, v) for label in trees for v in variants if v != "hf"]
+  cells = ([("", "hf")] if "hf" in variants else []) + cells
   for batch in [int(b) for b in args.batch.split(",")]:
-    row, seen = {}, {v: [] for v in variants}
-    for _ in range(args.rounds):  # variants interleaved: a slow spell of the machine hits all
-      for variant in variants:
-        cmd = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
-               "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    row, seen = {}, {}
+    for _ in range(args.rounds):  # cells interleaved: a slow spell of the machine hits all
+      for label, variant in cells:
+        tree = trees.get(label, here)
+        name = f"{label}:{variant}" if label else variant
+        cmd = [sys.executable, os.path.join(tree, "bench", "generate_throughput.py"), "--child",
+               variant, "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--reps",
+               str(args.reps)]
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
-          row[variant] = {"error": proc.stderr.strip().splitlines()[-1:]}
+          row[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
           continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        seen[variant].append(r["tokens_per_s"])
-        if r["tokens_per_s"] >= row.get(variant, {}).get("tokens_per_s", 0.0):
-          row[variant] = r
-    for variant, values in seen.items():
-      if len(values) > 1 and "tokens_per_s" in row.get(variant, {}):
-        row[variant]["tokens_per_s_each_round"] = values
-    base = row.get("base", {}).get("tokens_per_s")
-    ratios = {}
-    for variant, r in row.items():
-      if base and "tokens_per_s" in r and variant in ("shared", "per_row"):
-        ratios[f"{variant}_over_base"] = round(r["tokens_per_s"] / base, 2)
-    if base and "tokens_per_s" in row.get("hf", {}):
-      ratios["base_over_hf"] = round(base / row["hf"]["tokens_per_s"], 2)
-    row["ratios"] = ratios
+        seen.setdefault(name, []).append(r["tokens_per_s"])
+        if r["tokens_per_s"] >= row.get(name, {}).get("tokens_per_s", 0.0):
+          row[name] = r
+    for name, values in seen.items():
+      if len(values) > 1 and "tokens_per_s" in row.get(name, {}):
+        row[name]["tokens_per_s_each_round"] = values
+    row["ratios"] = _ratios(row, list(trees) if args.trees else [""])
     result["runs"][f"batch_{batch}"] = row
   print(json.dumps(result, indent=1))
 
