@@ -82,7 +82,7 @@ def _label_logprobs(params: dict, prefix: llama.KVCache, rest_BxR: jnp.ndarray,
   own_TxS = (label_of_S[None] == -1) | (label_of_S[None] == label_of_T[:, None])
   key_valid_BxS = jnp.concatenate(
       [jnp.ones((b, k), bool), rest_mask_BxR.astype(bool), jnp.ones((b, a), bool)], axis=1)
-  visible_BxTxS = jnp.asarray(causal_TxS & own_TxS)[None] & key_valid_BxS[:, None]
+  visible_BxTxS = jnp.asarray(causal_TxS & own_TxS)[None]  # forward adds key_valid
   positions_BxR = k + llama.positions_from_mask(rest_mask_BxR)
   positions_BxT = jnp.concatenate(
       [positions_BxR, positions_BxR[:, -1:] + 1 + step_of_A], axis=1)

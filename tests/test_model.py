@@ -85,6 +85,31 @@ def test_left_padded_batch_equals_rows_alone(loaded, name):
                                err_msg=f"row {i}")
 
 
+def test_explicit_mask_cannot_show_padded_keys(loaded):
+  """An explicit visibility mask that lets every query see every earlier slot, padding
+  included: key_valid still hides the padded slots, so each row's real positions give the
+  logits of the row run alone."""
+  model, _ = loaded("llama")
+  cfg, params = model.config, model.params
+  lengths, t = [3, 7], 7
+  prompts = random_prompts(cfg.vocab_size, lengths, seed=4)
+  tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, (2, t))  # junk in the padding
+  mask = np.zeros((2, t), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, t - len(p):] = p
+    mask[i, t - len(p):] = True
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (2, t, t))  # blind to padding
+  cache = llama.KVCache.zeros(cfg, 2, t, jnp.float32)
+  hidden, _ = jit_forward(params, jnp.asarray(tokens), llama.positions_from_mask(mask), cache,
+                          jnp.zeros((), jnp.int32), jnp.asarray(mask), cfg=cfg,
+                          visible_BxTxS=causal)
+  got = np.asarray(llama.lm_head(params, hidden))
+  for i, p in enumerate(prompts):
+    alone = np.asarray(model.logits(np.asarray([p])))[0]
+    np.testing.assert_allclose(got[i, t - len(p):], alone, rtol=0, atol=1e-4,
+                               err_msg=f"row {i}")
+
+
 # ------------------------------------------------------------------ KV cache
 
 @pytest.mark.parametrize("chunk", [1, 3])

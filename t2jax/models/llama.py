@@ -254,8 +254,9 @@ class Llama(nnx.Module):
     x = self.embed_tokens(tokens_BxT)
     if visible_BxTxS is None:
       query_slot_T = write_index + jnp.arange(t)
-      visible_BxTxS = ((jnp.arange(s)[None, :] <= query_slot_T[:, None])[None]
-                       & key_valid_BxS[:, None])
+      visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None]
+    # applied to an explicit mask too: a padded key is never visible, whatever the caller built
+    visible_BxTxS = visible_BxTxS & key_valid_BxS[:, None]
     rest = (positions_BxT, write_index, visible_BxTxS)
     if self.scanned:
       graphdef, shared, stacked = nnx.split(self.layers, Shared, ...)
@@ -398,7 +399,8 @@ def forward(
   remat: differentiated, keep only each layer's inputs and recompute the layer in the backward
   pass (jax.checkpoint): activation memory of one layer instead of all, for a second forward.
   visible_BxTxS: replaces the causal rule above with an explicit mask (several continuations
-  of one context in one call, each seeing only itself: adapt's label scoring).
+  of one context in one call, each seeing only itself: adapt's label scoring); key_valid still
+  applies, so a padded slot stays invisible under any mask.
   mesh: the mesh the calling program is built for: each layer's input is kept split over its
   batch axes (sharding.constrain_rows); None leaves placement to XLA.
   """
