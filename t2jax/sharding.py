@@ -2,8 +2,9 @@
 
 Params, SVD factors and the sampler's KV cache are placed by `PARTITION_RULES`: an ordered
 list of (regex over the "/"-joined pytree path, PartitionSpec); the first match wins and a path
-no rule matches is an error, so a new parameter never ends up replicated by accident. z and the
-optimizer state are tiny and replicated.
+no rule matches is an error, so a new parameter never ends up replicated by accident; so is a
+mesh axis that does not divide the dimension its rule puts it on (UNEVEN_OK names the one
+exception). z and the optimizer state are tiny and replicated.
 
 Batches are split over the batch axes (data × fsdp). With several processes, each holds the
 rows of its own devices: `process_rows` says which slice of the global batch that is,
@@ -16,6 +17,8 @@ every device.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from typing import Any
 
@@ -52,6 +55,12 @@ PARTITION_RULES: list[tuple[str, P]] = [
 # stacked KV cache): their leaves carry a leading layer axis, never split, before the
 # dimensions the rules above describe.
 STACKED = r"^(layers/[a-z]|self_attn/|mlp/|cache/(k|v)$)"
+# (regex, axis): where `axis` does not divide a dimension of a matching path, the dimension
+# stays whole (logged once) instead of being an error. Only the KV cache's kv-heads over
+# tensor: GQA models have fewer kv heads than a tensor axis may have devices (SmolLM2: 3), and
+# each tensor device then holds every kv head, the Megatron answer; the k/v kernels that fill
+# the cache still have to split.
+UNEVEN_OK: list[tuple[str, str]] = [(r"^cache/(k|v)(/\d+)?$", "tensor")]
 
 
 class MeshError(ValueError):
@@ -96,21 +105,45 @@ def _axis_size(mesh: Mesh, axis) -> int:
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The first rule matching `path`; axes that do not divide the dimension are dropped."""
-  if re.search(STACKED, path) and shape:
-    return P(None, *_rule_spec(path, shape[1:], mesh))
-  return _rule_spec(path, shape, mesh)
+  """The first rule matching `path`. An axis that does not divide its dimension is an error
+  (MeshError), except where UNEVEN_OK lets the dimension stay whole."""
+  lead = 1 if re.search(STACKED, path) and shape else 0  # the unsplit layer axis
+  pattern, spec = _rule(path, shape)
+  axes = (tuple(spec) + (None,) * len(shape))[:len(shape) - lead]
+  out = [None] * lead
+  for i, axis in enumerate(axes, lead):
+    if axis is not None and shape[i] % _axis_size(mesh, axis):
+      axis = _uneven(path, shape, i, axis, f"rule {pattern!r} → {spec}", mesh)
+    out.append(axis)
+  return P(*out)
 
 
-def _rule_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+def _rule(path: str, shape: tuple[int, ...]) -> tuple[str, P]:
   for pattern, spec in PARTITION_RULES:
     if re.search(pattern, path):
-      out = []
-      for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        out.append(axis if axis is None or dim % _axis_size(mesh, axis) == 0 else None)
-      return P(*out)
+      return pattern, spec
   raise MeshError(f"no partition rule matches parameter {path!r} (shape {shape}); add one to "
                   "t2jax.sharding.PARTITION_RULES.")
+
+
+def _uneven(path: str, shape: tuple[int, ...], i: int, axis: str, rule: str, mesh: Mesh):
+  """None (dimension i whole) where UNEVEN_OK allows it; otherwise the error."""
+  size = _axis_size(mesh, axis)
+  if any(ok == axis and re.search(pattern, path) for pattern, ok in UNEVEN_OK):
+    _log_uneven(path.split("/")[0], shape[i], axis, size)
+    return None
+  raise MeshError(
+      f"parameter {path!r} of shape {shape}: dimension {i} ({shape[i]}) does not split over "
+      f"mesh axis {axis!r} of size {size} ({rule}). Choose a mesh whose {axis!r} size divides "
+      f"{shape[i]}, or put a rule for this path that leaves the dimension whole before "
+      "t2jax.sharding.PARTITION_RULES (python -m t2jax.compile --rule).")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_uneven(tree: str, dim: int, axis: str, size: int) -> None:  # once per case
+  logging.getLogger(__name__).warning(
+      "%s: a dimension of %d does not split over mesh axis %r of size %d; it is kept whole on "
+      "every %r device (sharding.UNEVEN_OK).", tree, dim, axis, size, axis)
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +65,37 @@ def test_unmatched_path_is_an_error():
   mesh = sharding.make_mesh("data:-1")
   with pytest.raises(sharding.MeshError, match="no partition rule matches parameter 'mystery'"):
     sharding.tree_shardings({"mystery": jax.numpy.zeros(3)}, mesh)
+
+
+def _mesh(data=1, fsdp=1, tensor=1):  # spec_for reads only the axis sizes
+  return jax.sharding.AbstractMesh((data, fsdp, tensor), sharding.AXES)
+
+
+def test_an_axis_that_does_not_divide_its_dimension_is_an_error(caplog):
+  """k_proj's kernel [64, 32] (2 kv heads of 16) on 3 tensor devices: no silent replication;
+  the error names the parameter, its shape, the axis and what to do. A stacked tree counts
+  its dimensions from the layer axis. Only the KV cache's kv heads may stay whole (GQA with
+  fewer kv heads than tensor devices), and that is logged."""
+  kernel = "layers/0/self_attn/k_proj/kernel"
+  assert sharding.spec_for(kernel, (64, 32), _mesh(fsdp=2, tensor=4)) == P("fsdp", "tensor")
+  with pytest.raises(sharding.MeshError, match=re.escape(
+      f"parameter '{kernel}' of shape (64, 32): dimension 1 (32) does not split over mesh "
+      f"axis 'tensor' of size 3 (rule '(q|k|v|gate|up)_proj/kernel$' → {P('fsdp', 'tensor')}). "
+      "Choose a mesh whose 'tensor' size divides 32, or put a rule")):
+    sharding.spec_for(kernel, (64, 32), _mesh(tensor=3))
+  with pytest.raises(sharding.MeshError, match=r"of shape \(2, 64, 32\): dimension 1 \(64\) "
+                                               r"does not split over mesh axis 'fsdp' of size 3"):
+    sharding.spec_for("layers/self_attn/k_proj/kernel", (2, 64, 32), _mesh(fsdp=3))
+  with pytest.raises(sharding.MeshError, match=r"dimension 0 \(6\) does not split over mesh "
+                                               r"axis \('data', 'fsdp'\) of size 4"):
+    sharding.spec_for("cache/k/0", (6, 2, 16, 8), _mesh(data=2, fsdp=2))  # rows never whole
+  sharding._log_uneven.cache_clear()  # pylint: disable=protected-access  (logged once a process)
+  with caplog.at_level(logging.WARNING, logger="t2jax.sharding"):
+    assert (sharding.spec_for("cache/k/0", (4, 2, 16, 8), _mesh(data=2, tensor=4))
+            == P(sharding.BATCH, None, None, None))
+    assert (sharding.spec_for("cache/v", (3, 4, 2, 8, 16), _mesh(data=2, tensor=4))
+            == P(None, sharding.BATCH, None, None, None))
+  assert "a dimension of 2 does not split over mesh axis 'tensor' of size 4" in caplog.text
 
 
 _SCRIPT = r"""
