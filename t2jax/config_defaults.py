@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.scan_layers = "auto"  # auto (scan on TPU/GPU, unroll on CPU) | True | False: llama.scan_enabled
   c.logprob_norm = "sum"  # sum | mean (length-normalised sequence log-prob)
   # optimizer
-  c.optimizer = "adam"  # adam | adamw
+  c.optimizer = "adam"  # adam | adamw | sgd (plain: z -= lr · gradient)
   c.lr = 2e-3
   c.schedule = "constant"  # constant | cosine | linear
   c.warmup_steps = 0

@@ -49,8 +49,10 @@ def make_optimizer(*, name: str, lr: float, schedule: str, warmup_steps: int, to
     opt = optax.adam(lr_fn, b1=b1, b2=b2)
   elif name == "adamw":
     opt = optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay)
+  elif name == "sgd":  # z moves by -lr·gradient: what tests compare the gradient through
+    opt = optax.sgd(lr_fn)
   else:
-    raise ValueError(f"optimizer {name!r} is unknown; use adam or adamw.")
+    raise ValueError(f"optimizer {name!r} is unknown; use adam, adamw or sgd.")
   return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
 
 

@@ -1,6 +1,6 @@
 """Multi-host runs as local processes (launch/local_multiprocess.sh, gloo collectives): two
-processes train to the z of one, through a checkpoint save and restore; a process that dies
-stops the others instead of leaving them hanging."""
+processes take the SGD step of one and train to the z of one, through a checkpoint save and
+restore; a process that dies stops the others instead of leaving them hanging."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+import sgd_step_child
 import t2jax
 from conftest import tiny_config
 from t2jax.train import train
@@ -23,6 +24,7 @@ LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 # 4 prompts (8 rollouts) and 4 eval rows a batch: splits over 4 devices; val scored every step,
 # so the best-val expert and the scores go through process 0's files too
 OVERRIDES = dict(batch_size=4, checkpoint_every=1, eval_batch_size=4, eval_every=1)
+TRAIN = ["-m", "t2jax.train"]
 
 
 def _config_file(tmp_path, model_dir: str) -> str:
@@ -36,15 +38,15 @@ def _config_file(tmp_path, model_dir: str) -> str:
 
 
 def _launch(n: int, devices: int, args: list[str], log: str, env=None) -> subprocess.Popen:
-  """The launcher running `python -m t2jax.train ARGS` as n processes; output into `log` (a
-  file, not a pipe: nobody reads a pipe while the test waits, and a full one blocks)."""
+  """The launcher running `python ARGS` as n processes; output into `log` (a file, not a
+  pipe: nobody reads a pipe while the test waits, and a full one blocks)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {}),
-         "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"),
+         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
                                         os.environ.get("PYTHONPATH", "")])}
   with open(log, "w") as f:
     return subprocess.Popen(
-        [LAUNCH, str(n), "--devices", str(devices), "--", sys.executable, "-m", "t2jax.train",
-         *args], env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        [LAUNCH, str(n), "--devices", str(devices), "--", sys.executable, *args], env=env,
+        stdout=f, stderr=subprocess.STDOUT, text=True)
 
 
 def _run(n, devices, args, log, timeout=600) -> str:
@@ -66,7 +68,7 @@ def test_two_processes_train_to_the_z_of_one_through_a_restore(chat_model_dir, t
   train(tiny_config(chat_model_dir, steps=2, **OVERRIDES), one, progress=False)
   # 2 processes × 2 CPU devices: the batch of 4 prompts (8 rollouts) is split 4 ways. Step 1,
   # stop (checkpoint), then a second launch restores it and runs step 2.
-  common = ["--config", config, "--workdir", two, "--config.mesh=data:-1"]
+  common = [*TRAIN, "--config", config, "--workdir", two, "--config.mesh=data:-1"]
   _run(2, 2, common + ["--config.steps=1"], str(tmp_path / "first.log"))
   err = _run(2, 2, common + ["--config.steps=2"], str(tmp_path / "second.log"))
   assert "resuming" in err and "from step 1" in err
@@ -83,13 +85,27 @@ def test_two_processes_train_to_the_z_of_one_through_a_restore(chat_model_dir, t
   assert summaries[0] == summaries[1]
 
 
+def test_two_processes_take_the_sgd_step_of_one(checkpoint, tmp_path):
+  """One SGD step on data:-1 over 4 CPU devices held by 1 process, and by 2 processes of 2
+  devices each passing their own rows (tests/sgd_step_child.py): the loss, gradient norm and
+  z of the unsharded reference both times, so a gradient summed or scaled per process fails."""
+  path, _ = checkpoint("llama")
+  got = {}
+  for n in (1, 2):
+    out = _run(n, 4 // n, [sgd_step_child.__file__, path, "data:-1"],
+               str(tmp_path / f"{n}.log"))
+    got[n] = json.loads(re.search(r"^\[0\] (\{.*)$", out, re.M).group(1))
+    sgd_step_child.assert_same_step(got[n]["data:-1"], got[n]["reference"])
+  sgd_step_child.assert_same_step(got[2]["data:-1"], got[1]["data:-1"])
+
+
 def test_a_dead_process_stops_the_others_within_60_s(chat_model_dir, tmp_path):
   config = _config_file(tmp_path, chat_model_dir)
   workdir = str(tmp_path / "run")
   # the launcher's own kill comes after 50 s: what is tested is that JAX stops the survivor
   log = str(tmp_path / "launch.log")
-  proc = _launch(2, 1, ["--config", config, "--workdir", workdir, "--config.steps=100000",
-                        "--config.checkpoint_every=100000"], log,
+  proc = _launch(2, 1, [*TRAIN, "--config", config, "--workdir", workdir,
+                        "--config.steps=100000", "--config.checkpoint_every=100000"], log,
                  env={"T2JAX_HEARTBEAT_S": "10", "T2JAX_GRACE_S": "50"})
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300

@@ -16,6 +16,8 @@ import pytest
 
 from jax.sharding import PartitionSpec as P
 
+import sgd_step_child
+
 from t2jax import sharding, svf
 from t2jax.models import llama
 
@@ -98,52 +100,17 @@ def test_an_axis_that_does_not_divide_its_dimension_is_an_error(caplog):
   assert "a dimension of 2 does not split over mesh axis 'tensor' of size 4" in caplog.text
 
 
-_SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-import t2jax
-from t2jax import config_defaults, programs, rl, sharding, svf
-model = t2jax.load_model(sys.argv[1])
-dec = svf.decompose(model, cache=False, progress=False)
-rng = np.random.default_rng(0)
-b, g, p, c = 4, 2, 6, 5
-batch = rl.Rollouts(prompt_BxP=rng.integers(2, 300, (b, p)).astype(np.int32),
-                    prompt_mask_BxP=np.ones((b, p), bool),
-                    completion_NxC=rng.integers(2, 300, (b * g, c)).astype(np.int32),
-                    completion_mask_NxC=np.ones((b * g, c), bool),
-                    reward_N=rng.choice([-1.0, 1.0], b * g).astype(np.float32))
-cfg = config_defaults.base_config()
-cfg.update(dict(lr=1e-2, schedule="constant", steps=2, grad_clip=1.0, baseline="leave_one_out"))
-shapes = programs.Shapes(batch=b, samples=g, prompt_len=p, max_new=c)
-out = {}
-for spec, k in (("data:1,fsdp:1,tensor:1", 1), ("data:2,fsdp:2,tensor:2", 1),
-                ("data:2,fsdp:2,tensor:2", 2)):  # k: microbatches, each keeping the batch split
-  devices = jax.devices()[: 1 if spec.startswith("data:1") else 8]
-  mesh = sharding.make_mesh(spec, devices)
-  cfg.microbatches = k
-  progs = programs.build(cfg, model.config, model.params, dec.factors, mesh=mesh,
-                         shapes=shapes, eos_ids=model.eos_ids)
-  _, rows, params_sh, factors_sh = progs.update.in_shardings
-  params = jax.device_put(model.params, params_sh)
-  factors = jax.device_put(dec.factors, factors_sh)
-  state = progs.init_state(t2jax.Expert.init(model).z_tree(model), 0)
-  for _ in range(2):
-    state, metrics = progs.update(state, jax.device_put(batch, rows), params, factors)
-  out[f"{spec} k={k}"] = [np.asarray(x).tolist() for x in jax.tree.leaves(state.z)]
-print(json.dumps(out))
-"""
+MESHES = ("data:1", "data:2,fsdp:2,tensor:2", "data:2,fsdp:2,tensor:2/2", "fsdp:8", "tensor:8")
 
 
-def test_update_on_an_8_device_mesh_equals_one_device(checkpoint):
+def test_sgd_step_on_8_devices_equals_the_unsharded_gradient(checkpoint):
+  """The update program on 1 device and on 8 split over data × fsdp × tensor (with and without
+  microbatches), against jax.grad of rl.loss_fn on one device (tests/sgd_step_child.py)."""
   path, _ = checkpoint("llama")
-  got = _run_on_8_devices(_SCRIPT, path)
-
-  one = got["data:1,fsdp:1,tensor:1 k=1"]
-  moved = max(np.abs(np.asarray(a) - 1).max() for a in one)
-  assert moved > 1e-3
-  for key in ("data:2,fsdp:2,tensor:2 k=1", "data:2,fsdp:2,tensor:2 k=2"):
-    chex.assert_trees_all_close([np.asarray(a) for a in got[key]], [np.asarray(a) for a in one],
-                                rtol=1e-7, atol=1e-5)
+  with open(sgd_step_child.__file__) as f:
+    got = _run_on_8_devices(f.read(), path, *MESHES)
+  for mesh in MESHES:
+    sgd_step_child.assert_same_step(got[mesh], got["reference"])
 
 
 def _run_on_8_devices(script: str, *args: str) -> dict:
