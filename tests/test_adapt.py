@@ -264,9 +264,11 @@ def test_simplex_clamps_then_divides_by_the_sum():
   np.testing.assert_allclose(adapt.simplex([-1.0, 0.0, -2.0]), [1 / 3] * 3)  # all zero: uniform
   per_matrix = adapt.simplex([[0.2, -1.0, 3.0], [0.6, -1.0, 0.0]])  # [K, M]: per column
   np.testing.assert_allclose(per_matrix, [[0.25, 0.5, 1.0], [0.75, 0.5, 0.0]])
-  pop = adapt.simplex(np.random.default_rng(0).normal(0.3, 1.0, (50, 3, 4)), axis=1)
-  np.testing.assert_allclose(pop.sum(axis=1), 1.0, atol=1e-12)
-  assert pop.min() >= 0
+  # a population [2, K=3, M=2], experts on axis 1: each (row, matrix) column on its own
+  pop = adapt.simplex([[[0.2, -1.0], [0.6, -2.0], [0.2, -3.0]],
+                       [[1.5, 0.5], [0.5, 0.5], [-1.0, 0.0]]], axis=1)
+  np.testing.assert_allclose(pop, [[[0.2, 1 / 3], [0.6, 1 / 3], [0.2, 1 / 3]],
+                                   [[2 / 3, 0.5], [1 / 3, 0.5], [0.0, 0.0]]])
 
 
 @pytest.mark.parametrize("parametrisation", ["scale", "paper"])
@@ -500,7 +502,9 @@ def test_few_shot_refuses_test_shots(model, experts, echo):
 # Both passes
 
 
-def test_two_pass_rows_equal_each_row_alone(model, experts):
+def test_two_pass_rows_equal_each_row_alone(model, experts, monkeypatch):
+  clock = iter([100.0, 100.25, 101.75])  # start, pass 1 done, pass 2 done
+  monkeypatch.setattr(adapt, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
   chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
            for q in ["What is 3 + 4?", "Sort a list.", "Is ice cold?", "Name a prime."]]
   labels = ["math", "code", "other"]
@@ -508,13 +512,14 @@ def test_two_pass_rows_equal_each_row_alone(model, experts):
   threshold = float(np.median(probs.max(1)))  # some rows dispatched, some mixed
   gen, weights, timing = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
                                                  threshold=threshold, max_new_tokens=3)
+  monkeypatch.undo()  # the real clock again
   rows, want_weights = adapt.dispatch(probs, labels, experts, threshold=threshold)
   # pass 1 scored the questions in a batch of another size: float32 rounding apart, the same
   assert [sorted(w) for w in weights] == [sorted(w) for w in want_weights]
   for w, want in zip(weights, want_weights):
     np.testing.assert_allclose([w[k] for k in sorted(w)], [want[k] for k in sorted(w)], atol=1e-5)
   assert any(len(w) == 2 for w in weights) and any(len(w) == 1 for w in weights)
-  assert set(timing) == {"pass1_s", "pass2_s"} and min(timing.values()) > 0
+  assert timing == {"pass1_s": 0.25, "pass2_s": 1.5}  # each pass between its clock readings
   for chat, row, text in zip(chats, rows, gen.texts):
     alone = t2jax.generate(model, encode_chats(model.tokenizer, [chat]), max_new_tokens=3,
                            experts=row)

@@ -9,10 +9,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import t2jax
-from t2jax import config_defaults, programs, rl, sampling, sharding, svf, trainer
+from t2jax import config_defaults, programs, rl, run_setup, sampling, sharding, svf, trainer
 from t2jax.models import llama
 
 
@@ -158,20 +159,30 @@ def _programs(model, dec, batch: rl.Rollouts, **config) -> programs.Programs:
                         shapes=programs.Shapes(batch=b, samples=n // b, prompt_len=p, max_new=c))
 
 
-def test_train_step_moves_only_z_and_counts(tiny):
+def test_train_step_follows_the_schedule_by_the_gradient_and_counts(tiny):
+  """SGD, one warmup step then cosine decay over 3: step 1 runs at lr 0 and leaves z as it
+  was; step 2 at lr 0.5 moves z by −0.5 · jax.grad of rl.loss_fn, and reports that
+  gradient's norm. (Adam would move every coordinate by ~lr whatever the gradient.)"""
   model, dec = tiny
   batch = _rollouts(np.random.default_rng(4))
-  progs = _programs(model, dec, batch, lr=1e-2, schedule="cosine", warmup_steps=1, steps=4,
-                    grad_clip=1.0, baseline="none")
+  overrides = dict(optimizer="sgd", lr=0.5, schedule="cosine", warmup_steps=1, steps=4,
+                   grad_clip=0.0, baseline="none")
+  progs = _programs(model, dec, batch, **overrides)
+  cfg = config_defaults.base_config()
+  cfg.update(overrides)
   z0 = t2jax.Expert.init(model).z_tree(model)
+  grads = jax.grad(lambda z: rl.loss_fn(z, model.params, dec.factors, batch, cfg=model.config,
+                                        settings=run_setup.rl_settings(cfg))[0])(z0)
   state = progs.init_state(z0, seed=0)
-  for _ in range(2):
-    state, metrics = progs.update(state, batch, model.params, dec.factors)
+  state, _ = progs.update(state, batch, model.params, dec.factors)
+  chex.assert_trees_all_equal(state.z, z0)
+  state, metrics = progs.update(state, batch, model.params, dec.factors)
   assert int(state.step) == 2
-  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state.z),
-                                                             jax.tree.leaves(z0)))
-  assert moved > 1e-4
-  assert np.isfinite(float(metrics["grad_norm"]))
+  want = jax.tree.map(lambda z, g: z - 0.5 * g, z0, grads)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3  # z moves
+  chex.assert_trees_all_close(state.z, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)),
+                             rtol=1e-5)
 
 
 def test_update_refuses_rollouts_of_the_wrong_shape_or_dtype(tiny):

@@ -14,7 +14,7 @@ import pytest
 
 import t2jax
 from conftest import tiny_config
-from t2jax import checkpoint, config_defaults, reporting, rl, run_setup
+from t2jax import checkpoint, config_defaults, evaluate, reporting, rl, run_setup
 from t2jax.tasks import TaskError
 from t2jax.tasks.math import Arithmetic
 from t2jax.train import TrainingError, train
@@ -53,16 +53,24 @@ def test_resumed_run_ends_with_the_z_of_an_uninterrupted_one(chat_model_dir, tmp
   assert model.logits([[5, 6, 7]], expert).shape == (1, 3, model.config.vocab_size)
 
 
-def test_eval_keeps_the_best_val_expert(chat_model_dir, tmp_path):
+def test_eval_keeps_the_best_val_expert(chat_model_dir, tmp_path, monkeypatch):
+  """Val accuracy 0.5 after step 1, 0.25 after step 2: step 1's expert is kept and exported.
+  The scores are stubbed (in the order train asks for them): the random model scores 0 at
+  every step, which keeping the first, the last or any expert would pass."""
+  accuracies = iter([0.0, 0.0, 0.5, 0.25, 0.5, 0.0])  # base val, test; steps 1, 2; final
+  monkeypatch.setattr(evaluate, "score", lambda *a, **k: {
+      "accuracy": next(accuracies), "reward": 0.0, "count": 4})
   workdir = str(tmp_path / "run")
   train(tiny_config(chat_model_dir, steps=2, eval_every=1), workdir, progress=False)
   lines = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = [d for d in lines if d["kind"] == "eval" and d["split"] == "val"]
-  assert [d["step"] for d in evals] == [1, 2]
+  assert [(d["step"], d["accuracy"]) for d in evals] == [(1, 0.5), (2, 0.25)]
   best = t2jax.Expert.load(os.path.join(workdir, "best_expert"))
-  assert best.metrics["val_accuracy"] == max(d["accuracy"] for d in evals)
+  assert (best.metrics["val_accuracy"], best.metrics["step"]) == (0.5, 1)
   exported = t2jax.Expert.load(os.path.join(workdir, "expert"))
-  assert exported.metrics["step"] == best.metrics["step"]
+  assert exported.metrics["step"] == 1
+  for k in best.z:
+    np.testing.assert_array_equal(exported.z[k], best.z[k])
 
 
 def test_incompatible_workdir_is_refused_and_kept(chat_model_dir, tmp_path):

@@ -347,15 +347,13 @@ def test_gguf_load_model_with_tokenizer(checkpoint, tmp_path, tokenizer_cache):
   assert again.tokenizer("the cat")["input_ids"] == model.tokenizer("the cat")["input_ids"]
 
 
-def test_gguf_without_tokenizer_loads_or_fails_clearly(checkpoint, tmp_path, tokenizer_cache):
+def test_gguf_without_tokenizer_loads_without_one(checkpoint, tmp_path, tokenizer_cache):
+  """The weights load and the model runs on token ids; only text needs the tokenizer
+  (t2jax.tokenizer: None for a GGUF without one)."""
   del tokenizer_cache
   _, hf = checkpoint("llama")
   path = write_gguf(str(tmp_path / "no_tok.gguf"), hf, tokenizer=False)
-  try:
-    model = t2jax.load_model(path)
-  except (ValueError, FileNotFoundError) as e:
-    assert "tokenizer" in str(e).lower()
-    return
+  model = t2jax.load_model(path)
   assert model.tokenizer is None
   ids = random_ids(model.config.vocab_size, (1, 8))
   np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(hf, ids), rtol=0,
