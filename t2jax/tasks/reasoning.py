@@ -1,5 +1,6 @@
 """Multiple-choice reasoning tasks: ARC-format JSONL and procedural questions (orderings, days
-of the week, syllogisms, unit conversions, comparisons, extremes, opposites, odd one out).
+of the week, syllogisms, unit conversions, comparisons, extremes, opposites, odd one out, and
+everyday knowledge: tools, animal sounds and young, colours).
 Reward: the announced option is the key, named by its letter (answer_format "letter") or
 written out (answer_format "text")."""
 
@@ -13,6 +14,7 @@ import re
 import string
 from typing import Callable, Sequence
 
+from t2jax.tasks import reasoning_facts
 from t2jax.tasks.base import (SPLITS, QuestionTask, Record, TaskError, check_split, draw_splits,
                               file_split, read_jsonl)
 
@@ -405,7 +407,7 @@ def _opposite(rng: random.Random) -> tuple[str, list[str], int]:
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
     "ordering": _ordering, "weekday": _weekday, "syllogism": _syllogism,
     "conversion": _conversion, "odd_one_out": _odd_one_out, "comparison": _comparison,
-    "extremes": _extremes, "opposite": _opposite,
+    "extremes": _extremes, "opposite": _opposite, **reasoning_facts.GENERATORS,
 }
 
 
