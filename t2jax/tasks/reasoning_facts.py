@@ -53,20 +53,22 @@ def uses(rng: random.Random) -> tuple[str, list[str], int]:
   return f"What do you use to {purpose}?", [tool] + wrong, 0
 
 
+def _either_way(rng: random.Random, table, *asks: tuple[int, str]):
+  """One of two questions over `table`, at even odds: (column asked for, question template
+  formatted with the row)."""
+  column, template = asks[0] if rng.random() < 0.5 else asks[1]
+  row, wrong = _pick(rng, table, column)
+  return template.format(*row), [row[column]] + wrong, 0
+
+
 def sounds(rng: random.Random) -> tuple[str, list[str], int]:
-  if rng.random() < 0.5:
-    (animal, sound), wrong = _pick(rng, SOUNDS, 0)
-    return f"Which animal says '{sound}'?", [animal] + wrong, 0
-  (animal, sound), wrong = _pick(rng, SOUNDS, 1)
-  return f"What sound does a {animal} make?", [sound] + wrong, 0
+  return _either_way(rng, SOUNDS, (0, "Which animal says '{1}'?"),
+                     (1, "What sound does a {0} make?"))
 
 
 def young(rng: random.Random) -> tuple[str, list[str], int]:
-  if rng.random() < 0.5:
-    (animal, baby), wrong = _pick(rng, YOUNG, 1)
-    return f"What is a baby {animal} called?", [baby] + wrong, 0
-  (animal, baby), wrong = _pick(rng, YOUNG, 0)
-  return f"Which animal's baby is called a {baby}?", [animal] + wrong, 0
+  return _either_way(rng, YOUNG, (1, "What is a baby {0} called?"),
+                     (0, "Which animal's baby is called a {1}?"))
 
 
 def colours(rng: random.Random) -> tuple[str, list[str], int]:
