@@ -17,7 +17,7 @@ prefilled with "The answer is" so that every rollout is short and names somethin
 
 Reward {0, 1}. A third level, −1 for naming no option (task_args.reward_no_choice), with
 rollouts at T 0.7 taught the model to name an option, any option: after 16 steps it named one
-in 99 % of test replies but chose at chance, and opposites fell from 35 to 18 of 50.
+in 97 % of test replies but chose at chance, and opposites fell from 35 to 18 of 50.
 """
 
 from t2jax.config_defaults import base_config
