@@ -110,8 +110,9 @@ class _ChoiceBase(QuestionTask):
   # option can still copy the option it means)
   answer_format: str = "letter"
   # reward of a reply that names none of the options ("Thursday" when it is not listed, a
-  # repeated "The answer is"); None = reward_wrong. Below reward_wrong, it teaches a small
-  # model to choose among the options even in groups where no sample is right.
+  # repeated "The answer is"); None = reward_wrong. Below reward_wrong it pushes towards
+  # naming an option even where no sample is right; on the default model it taught naming
+  # any option at chance (configs/reasoning.py's docstring has the figures), so it is off there.
   reward_no_choice: float | None = None
 
   def __post_init__(self):
