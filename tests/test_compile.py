@@ -261,3 +261,18 @@ def test_roofline_reads_both_cost_analysis_forms_and_projects():
   unknown = roofline.project({"update": (1.0, 1.0)}, "TPU v2", rows=1, source="test")
   assert "no bf16 peak and HBM bandwidth known for 'TPU v2'" in unknown["error"]
   assert roofline.format_projection(unknown)[0].startswith("PROJECTED: not available")
+
+
+def test_a_program_left_out_of_the_projection_is_named_with_why():
+  """A program whose layer cuts did not compile (the update's 1-layer cut out of HBM on 8B
+  v5e-8) is listed with the reason, alone or beside the programs that were projected."""
+  why = "its 1-layer cut (unrolled, one microbatch of 256 rows) did not compile: XLA: OOM"
+  proj = roofline.project({"decode": (1e9, 3.276e9)}, "TPU v6 lite", rows=32, source="test",
+                          skipped={"update": why})
+  assert "update_step_s" not in proj and proj["skipped"] == {"update": why}
+  text = roofline.format_projection(proj)
+  assert text[-2] == f"update          not projected: {why}"
+  assert text[-1].startswith("PROJECTED decode step 2.000 ms")
+  none = roofline.project({}, "TPU v6 lite", rows=32, source="cuts", skipped={"update": why})
+  assert none["error"] == f"no program has costs (cuts): update: {why}"
+  assert roofline.format_projection(none) == [f"PROJECTED: not available: {none['error']}"]

@@ -153,15 +153,20 @@ def projection(cfg, topo: Topology, out: dict, programs: str = "all") -> dict:
                                         "microbatches": 1})
   cuts = [plan(unrolled, topo, out["shapes"]["prompt_len"], programs, n)
           for n in (1, 2)[:out["full_layers"]]]
-  layers, grown = out["layers"], {}
+  layers, grown, skipped = out["layers"], {}, {}
   for at_1, at_2 in zip(cuts[0]["programs"], cuts[-1]["programs"]):
-    if at_1["error"] or at_2["error"] or at_1["cost_error"] or at_2["cost_error"]:
+    failed = [(n, c) for n, c in ((1, at_1), (2, at_2)) if c["error"] or c["cost_error"]]
+    if failed:  # said in the report: a program silently missing reads as "not asked for"
+      n, c = failed[0]
+      skipped[at_1["name"]] = (f"its {n}-layer cut (unrolled, one microbatch of "
+                               f"{rows} rows) " + (f"did not compile: {c['error']}" if c["error"]
+                                                   else f"has no costs: {c['cost_error']}"))
       continue
     grow = lambda k: at_1[k] + (layers - 1) * (at_2[k] - at_1[k])  # exact: unrolled is linear
     grown[at_1["name"]] = (grow("flops"), grow("bytes_accessed"))
   source = (f"compiles of the first 1 and 2 decoder layers, unrolled, update in one "
             f"microbatch, grown to {layers} layers")
-  proj = roofline.project(grown, topo.device_kind, rows, source)
+  proj = roofline.project(grown, topo.device_kind, rows, source, skipped=skipped)
   proj["cuts"] = [{p["name"]: {"flops": p["flops"], "bytes_accessed": p["bytes_accessed"]}
                    for p in c["programs"]} for c in cuts]
   return proj

@@ -46,21 +46,25 @@ def seconds(flops: float, bytes_accessed: float, peak: tuple[float, float]) -> f
 
 
 def project(program_costs: dict[str, tuple[float, float]], device_kind: str, rows: int,
-            source: str) -> dict:
+            source: str, skipped: dict[str, str] | None = None) -> dict:
   """The PROJECTED part of the report from (flops, bytes accessed) per device of each program.
   The decode program's while loop is counted once by XLA, so its cost is one step: one new
-  token for each of the `rows` rows of the batch, which every chip runs in parallel."""
+  token for each of the `rows` rows of the batch, which every chip runs in parallel.
+  `skipped`: program name → why it has no projection (the report prints each)."""
+  skipped = dict(skipped or {})
   peak = PEAKS.get(device_kind)
   if peak is None:
     return {"error": f"no bf16 peak and HBM bandwidth known for {device_kind!r} "
                      f"(t2jax/compile/roofline.py PEAKS has {sorted(PEAKS)})"}
   if not program_costs:
-    return {"error": f"no program has costs ({source})"}
+    whys = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+    return {"error": f"no program has costs ({source})" + (f": {whys}" if whys else ""),
+            "skipped": skipped}
   per = {name: {"flops": f, "bytes_accessed": b, "seconds": seconds(f, b, peak),
                 "bound": "compute" if f / peak[0] >= b / peak[1] else "memory"}
          for name, (f, b) in program_costs.items()}
   out = {"assumption": ASSUMPTION, "costs_from": source, "peak_flops_per_s": peak[0],
-         "hbm_bytes_per_s": peak[1], "programs": per}
+         "hbm_bytes_per_s": peak[1], "programs": per, "skipped": skipped}
   if "update" in per:
     out["update_step_s"] = per["update"]["seconds"]
   if "decode" in per:
@@ -80,6 +84,8 @@ def format_projection(proj: dict) -> list[str]:
   for name, p in proj["programs"].items():
     lines.append(f"{name:<15} {p['flops'] / 1e9:>6.1f}  {p['bytes_accessed'] / 1e9:>7.3f}  "
                  f"{p['seconds'] * 1e3:>8.3f}  {p['bound']}")
+  for name, why in proj.get("skipped", {}).items():
+    lines.append(f"{name:<15} not projected: {why}")
   if "update_step_s" in proj:
     lines.append(f"PROJECTED update step {proj['update_step_s'] * 1e3:.3f} ms")
   if "decode_step_s" in proj:
