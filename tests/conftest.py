@@ -159,6 +159,20 @@ def chat_model_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session")
+def random_chat_model(chat_model_dir, tmp_path_factory):
+  """chat_model_dir's shape and tokenizer with every weight re-drawn (randomize_), loaded:
+  its logits spread over several units, so greedy replies are far from ties."""
+  import t2jax  # pylint: disable=import-outside-toplevel
+
+  cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
+  model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
+  path = str(tmp_path_factory.mktemp("random_chat_model"))
+  model.save_pretrained(path, safe_serialization=True)
+  transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
+  return t2jax.load_model(path)
+
+
 def tiny_config(model_dir: str, **overrides):
   """A training config on `chat_model_dir` small enough for a test: 4 steps of 2 prompts."""
   from t2jax import config_defaults  # pylint: disable=import-outside-toplevel

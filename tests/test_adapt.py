@@ -212,9 +212,11 @@ def test_dispatch_argmax_other_and_mixture_fallback():
   for k in ("a", "b"):
     want = sum(wi * experts[n].z[k] for wi, n in zip(w, ["math", "code", "reasoning"]))
     np.testing.assert_allclose(rows[2].z[k], want, rtol=1e-6)
-  # threshold 0: always the argmax
+  # threshold 0: always the argmax; a max p equal to the threshold is not below it
   rows, _ = adapt.dispatch(probs, LABELS, experts, threshold=0.0)
   assert rows[2] is experts["math"]
+  rows, _ = adapt.dispatch(probs[2:], LABELS, experts, threshold=0.4)
+  assert rows[0] is experts["math"]
   with pytest.raises(ValueError, match="needs an expert"):
     adapt.dispatch(probs, LABELS, {"math": experts["math"]}, threshold=0.5)
 

@@ -227,6 +227,13 @@ def test_two_level_inverse_cdf_matches_a_flat_search():
   want = np.array([np.searchsorted(c, x * c[-1], side="right") for c, x in zip(cdf, u)])
   assert (probs[np.arange(b), got] > 0).all()
   np.testing.assert_array_equal(got[5:], want[5:])
+  # a block whose mass (a sum) rounds above its running total (a cumsum): u next to 1 falls
+  # past the block's last token with mass, which must still be the one drawn, not a zero after
+  # it (the random rows above never reach that rounding)
+  edge = np.zeros((1, 64), np.float32)
+  edge[0, 0], edge[0, 1:32] = 0.75, 0.75 * 2.0**-24
+  drawn = t2jax.sampling._inverse_cdf(jnp.asarray(edge), jnp.asarray(u[:1]), block=64)
+  assert edge[0, int(drawn[0])] > 0, int(drawn[0])
 
 
 SAMPLERS = [dict(temperature=0.5), dict(temperature=1.0, top_k=3),

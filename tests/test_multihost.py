@@ -14,25 +14,30 @@ import time
 
 import numpy as np
 
+import modulo_task
 import sgd_step_child
 import t2jax
-from conftest import tiny_config
+from t2jax import tasks
 from t2jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 # 4 prompts (8 rollouts) and 4 eval rows a batch: splits over 4 devices; val scored every step,
-# so the best-val expert and the scores go through process 0's files too
+# so the best-val expert and the scores go through process 0's files too. The modulo task
+# (tests/modulo_task.py): rows differ in reward and accuracy even for a random model, so the
+# summaries compare accuracies that are neither 0 nor 1.
 OVERRIDES = dict(batch_size=4, checkpoint_every=1, eval_batch_size=4, eval_every=1)
 TRAIN = ["-m", "t2jax.train"]
 
 
 def _config_file(tmp_path, model_dir: str) -> str:
-  """A config file for `python -m t2jax.train --config`: the tiny test config."""
+  """A config file for `python -m t2jax.train --config`: the tiny test config on the modulo
+  task, registered in each process as the config loads."""
   path = tmp_path / "tiny.py"
   path.write_text(
-      "from conftest import tiny_config\n\n\n"
-      f"def get_config():\n  return tiny_config({model_dir!r}, **OVERRIDES)\n\n\n"
+      "import modulo_task\n\n\n"
+      "def get_config():\n  modulo_task.register()\n"
+      f"  return modulo_task.tiny_modulo_config({model_dir!r}, **OVERRIDES)\n\n\n"
       f"OVERRIDES = {OVERRIDES!r}\n")
   return str(path)
 
@@ -62,10 +67,14 @@ def _z(workdir: str) -> dict:
   return t2jax.Expert.load(os.path.join(workdir, "expert")).z
 
 
-def test_two_processes_train_to_the_z_of_one_through_a_restore(chat_model_dir, tmp_path):
+def test_two_processes_train_to_the_z_of_one_through_a_restore(chat_model_dir, tmp_path,
+                                                              monkeypatch):
   config = _config_file(tmp_path, chat_model_dir)
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  train(tiny_config(chat_model_dir, steps=2, **OVERRIDES), one, progress=False)
+  # pylint: disable-next=protected-access
+  monkeypatch.setitem(tasks._REGISTRY, "modulo", modulo_task.ENTRY)
+  train(modulo_task.tiny_modulo_config(chat_model_dir, steps=2, **OVERRIDES), one,
+        progress=False)
   # 2 processes × 2 CPU devices: the batch of 4 prompts (8 rollouts) is split 4 ways. Step 1,
   # stop (checkpoint), then a second launch restores it and runs step 2.
   common = [*TRAIN, "--config", config, "--workdir", two, "--config.mesh=data:-1"]
@@ -82,6 +91,10 @@ def test_two_processes_train_to_the_z_of_one_through_a_restore(chat_model_dir, t
   for workdir in (one, two):
     with open(os.path.join(workdir, "summary.json")) as f:
       summaries.append(json.load(f))
+  # each process scores its eval rows and the sums are shared: with some rows right and some
+  # wrong, a row dropped, counted twice or scored in another's place moves a figure
+  for split in ("val", "test"):
+    assert 0 < summaries[0]["base"][split]["accuracy"] < 1, summaries[0]
   assert summaries[0] == summaries[1]
 
 

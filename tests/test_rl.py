@@ -117,7 +117,8 @@ def test_kl_terms_match_numpy(tiny, kl):
   np.testing.assert_allclose(float(loss), want, rtol=1e-4)
   np.testing.assert_allclose(float(metrics["kl"]), np.sum(np.where(m, kl_t, 0)) / m.sum(),
                              rtol=1e-4)
-  assert float(metrics["kl"]) > 0
+  # not 0 against 0 (z ignored by materialise): z 20 % off the base gives ~0.1 a token
+  assert float(metrics["kl"]) > 0.05
 
 
 def test_kl_is_zero_at_the_base_model(tiny):

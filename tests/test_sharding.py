@@ -207,15 +207,17 @@ def inside(x):
 rows, odd = jax.jit(inside)(x)
 plain = jax.jit(lambda x: sharding.constrain_rows(x * 2, None))(x)
 print(json.dumps({"rows": str(rows.sharding.spec), "odd": str(odd.sharding.spec),
-                  "plain": str(plain.sharding.spec)}))
+                  "plain": str(plain.sharding.spec),
+                  "shard_rows": sorted({s.data.shape[0] for s in rows.addressable_shards})}))
 """
 
 
 def test_activations_are_split_over_the_batch_axes_of_the_mesh_passed():
   got = _run_on_8_devices(_ROWS_SCRIPT)
-  assert got["rows"] == str(sharding.batch_sharding(sharding.make_mesh("data:1")).spec)
+  # 8 rows over data 2 × fsdp 2: 2 rows on each device (tensor holds copies)
+  assert got["rows"] == str(P(("data", "fsdp"))) and got["shard_rows"] == [2]
   # 3 rows do not split 4 ways; without a mesh nothing is constrained
-  assert got["odd"] == got["plain"] == str(jax.sharding.PartitionSpec())
+  assert got["odd"] == got["plain"] == str(P())
 
 
 _FACTORY_SCRIPT = r"""

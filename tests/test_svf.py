@@ -209,13 +209,21 @@ def test_decomposition_cache_is_hit(checkpoint, monkeypatch):
   path, _ = checkpoint("llama")
   first = svf.decompose(t2jax.load_model(path), progress=False)
   calls = []
-  monkeypatch.setattr(svf, "_compute_factors", lambda *a, **k: calls.append(1))
+  real = svf._compute_factors
+  monkeypatch.setattr(svf, "_compute_factors",
+                      lambda *a, **k: calls.append(a[2]) or real(*a, **k))
   again = svf.decompose(t2jax.load_model(path), progress=False)  # a new Model: no memo
   assert not calls
   assert first.modules() == again.modules() == [("mlp", "down_proj"), ("mlp", "gate_proj"),
                                                  ("mlp", "up_proj")]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                first.factors, again.factors)
+  # another rank or other targets is another decomposition: computed, never the cached one
+  low = svf.decompose(t2jax.load_model(path), rank=3, progress=False)
+  attn = svf.decompose(t2jax.load_model(path), r"self_attn/q_proj", progress=False)
+  assert calls == [3, None]
+  assert low.factors[0]["mlp"]["up_proj"]["s"].shape == (3,)
+  assert attn.modules() == [("self_attn", "q_proj")]
 
 
 def test_save_load_roundtrip(loaded, tmp_path):

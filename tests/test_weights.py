@@ -339,6 +339,10 @@ def test_gguf_load_model_with_tokenizer(checkpoint, tmp_path, tokenizer_cache):
   ids = random_ids(model.config.vocab_size, (2, 24), seed=5)
   np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(hf, ids), rtol=0,
                              atol=1e-4)
+  # write_gguf's vocabulary: token i is byte i ("Ġ" is the space), then "Ġt" (256), "he" (257)
+  ids = model.tokenizer("the cat", add_special_tokens=False)["input_ids"]
+  assert ids == [ord("t"), 257, ord(" "), ord("c"), ord("a"), ord("t")]
+  assert model.tokenizer.decode(ids) == "the cat"
   out = t2jax.generate(model, ["the cat"], max_new_tokens=4, chat_template=False)
   assert 1 <= len(out.token_ids[0]) <= 4
   assert out.texts[0] == model.tokenizer.decode(out.token_ids[0], skip_special_tokens=True)
