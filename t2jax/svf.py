@@ -235,8 +235,13 @@ class SVFLinear(nnx.Module):
     kernel = jax.lax.stop_gradient(self.kernel[...])
     v, s, ut = (jax.lax.stop_gradient(x[...]) for x in (self.v, self.s, self.ut))
     sz, c = self.scaled()
-    update = (v * (sz - c[..., None] * s)[..., None, :]) @ ut
-    return (c[..., None, None] * kernel + update).astype(kernel.dtype)
+
+    def build(kernel, v, s, ut, sz, c):
+      return (c * kernel + (v * (sz - c * s)[None, :]) @ ut).astype(kernel.dtype)
+
+    if kernel.ndim == 3:  # one layer at a time: a device gathers one layer's factors, not all
+      return jax.lax.map(lambda a: build(*a), (kernel, v, s, ut, sz, c))
+    return build(kernel, v, s, ut, sz, c)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "materialised":
