@@ -18,6 +18,17 @@ prefilled with "The answer is" so that every rollout is short and names somethin
 Reward {0, 1}. A third level, −1 for naming no option (task_args.reward_no_choice), with
 rollouts at T 0.7 taught the model to name an option, any option: after 16 steps it named one
 in 97 % of test replies but chose at chance, and opposites fell from 35 to 18 of 50.
+
+Measured (runs/paper, 256 test records, greedy): base 18.4 %, expert 28.9 % (+10.5; z of
+step 32, the best of eight val checks). What held the earlier recipes back (7 procedural
+families, 32 steps: 30.5 → 34.4 %) was that the model mostly could not do the procedures and
+RL had little to reinforce. The base model names no option in 107 of 256 replies: it echoes
+the prefix ('"The answer is "The answer is'), or names the object instead of its colour.
+The expert names no option in 49, and nearly all of the gain is there, on the fact families
+(what a tool is for 1 → 10 of 22, animal sounds 2 → 8 of 27). The procedural ones barely
+moved (ordering 5 → 9 of 23, extremes 11 → 9 of 36). The fact families lower the base score
+too: they are where it loops most. Val has 64 records and is noisy: it read 20.3 % at step 24,
+when the z of step 20 scored 28.5 % on test.
 """
 
 from t2jax.config_defaults import base_config
