@@ -279,3 +279,44 @@ def test_a_program_left_out_of_the_projection_is_named_with_why():
   none = roofline.project({}, "TPU v6 lite", rows=32, source="cuts", skipped={"update": why})
   assert none["error"] == f"no program has costs (cuts): update: {why}"
   assert roofline.format_projection(none) == [f"PROJECTED: not available: {none['error']}"]
+
+
+_GATHERS = r"""
+import json, re
+from t2jax.compile import plan, topology
+from t2jax.config_defaults import config_module
+texts = {}
+compile_program = plan.compile_program
+def keep(name, what, program, other_live=0):
+  rep, compiled = compile_program(name, what, program, other_live)
+  texts[name] = compiled.as_text() if compiled is not None else ""
+  return rep, compiled
+plan.compile_program = keep
+cfg = config_module("configs/math.py").get_config()
+cfg.mesh, cfg.scan_layers, cfg.batch_size, cfg.microbatches = "fsdp:-1", "true", 16, 2
+plan.plan(cfg, topology.describe("v5e:2x4"), 64, "all", 4)
+print(json.dumps({name: re.findall(r"all-gather[.\d]* = \w+\[([\d,]+)\]", text)
+                  for name, text in texts.items()}))
+"""
+
+
+@needs_libtpu
+def test_scanned_layers_gather_one_layer_at_a_time():
+  """Layers scanned, fsdp over 8 chips: each program gathers a layer's weights and factors
+  inside the scan, one layer at a time. Building W' for the whole [L, n, m] stack at once made
+  XLA gather every layer's factors together (8B on v5e-8: +0.5 GiB a layer, the update did
+  not fit); no program may gather a stack of kernel-sized blocks."""
+  proc = subprocess.run([sys.executable, "-c", _GATHERS], cwd=ROOT, capture_output=True,
+                        text=True, timeout=900,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu",
+                             "JAX_EXEC_TIME_OPTIMIZATION_EFFORT": "-1"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gathers = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert sorted(gathers) == ["decode", "materialise", "prefill", "update"]
+  smallest_kernel = 576 * 192  # k_proj / v_proj of the default model
+  shapes = {name: [tuple(int(d) for d in s.split(",")) for s in found]
+            for name, found in gathers.items()}
+  assert any(len(s) == 2 and s[0] * s[1] >= smallest_kernel for s in shapes["update"])
+  whole = {name: [s for s in found if len(s) == 3 and s[0] == 4
+                  and s[1] * s[2] >= smallest_kernel] for name, found in shapes.items()}
+  assert whole == {name: [] for name in shapes}, whole
