@@ -160,17 +160,23 @@ def chat_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def random_chat_model(chat_model_dir, tmp_path_factory):
-  """chat_model_dir's shape and tokenizer with every weight re-drawn (randomize_), loaded:
-  its logits spread over several units, so greedy replies are far from ties."""
-  import t2jax  # pylint: disable=import-outside-toplevel
-
+def random_chat_model_dir(chat_model_dir, tmp_path_factory):
+  """chat_model_dir's shape and tokenizer with every weight re-drawn (randomize_, seed 7): its
+  logits spread over several units, so greedy replies are far from ties and label
+  probabilities far from uniform."""
   cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
   model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
   path = str(tmp_path_factory.mktemp("random_chat_model"))
   model.save_pretrained(path, safe_serialization=True)
   transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
-  return t2jax.load_model(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def random_chat_model(random_chat_model_dir):
+  import t2jax  # pylint: disable=import-outside-toplevel
+
+  return t2jax.load_model(random_chat_model_dir)
 
 
 def tiny_config(model_dir: str, **overrides):

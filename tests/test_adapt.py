@@ -11,7 +11,6 @@ import types
 
 import numpy as np
 import pytest
-import transformers
 
 import t2jax
 from t2jax import adapt
@@ -22,7 +21,6 @@ from t2jax.tasks.cls import Classification, classification_messages, extract_lab
 from t2jax.tasks.math import Arithmetic
 from t2jax.tokenizer import encode_chats
 
-from conftest import randomize_
 
 LABELS = ["math", "code", "reasoning", "other"]  # "reasoning}" is 3 tokens, the others 2
 QUESTIONS = ["What is 3 + 4?",
@@ -36,15 +34,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model(chat_model_dir, tmp_path_factory):
-  """chat_model_dir's shape and tokenizer with every weight re-drawn (randomize_), so logits
-  spread over several units and label probabilities are far from uniform."""
-  cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
-  torch_model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
-  path = str(tmp_path_factory.mktemp("rand_chat"))
-  torch_model.save_pretrained(path, safe_serialization=True)
-  transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
-  return t2jax.load_model(path)
+def model(random_chat_model_dir):
+  """The seed-7 random chat model, loaded afresh: this module's memo state is its own."""
+  return t2jax.load_model(random_chat_model_dir)
 
 
 def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:

@@ -11,14 +11,12 @@ import subprocess
 
 import numpy as np
 import pytest
-import transformers
 
 import t2jax
 from t2jax import adapt, adapt_eval, reproduce, stats
 from t2jax.config_defaults import config_module
 from t2jax.tasks import make_task
 
-from conftest import randomize_
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -29,13 +27,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model(chat_model_dir, tmp_path_factory):
-  cfg = transformers.AutoConfig.from_pretrained(chat_model_dir)
-  torch_model = randomize_(transformers.LlamaForCausalLM(cfg), seed=7)
-  path = str(tmp_path_factory.mktemp("rand_chat_eval"))
-  torch_model.save_pretrained(path, safe_serialization=True)
-  transformers.AutoTokenizer.from_pretrained(chat_model_dir).save_pretrained(path)
-  return t2jax.load_model(path)
+def model(random_chat_model_dir):
+  """The seed-7 random chat model, loaded afresh: this module's memo state is its own."""
+  return t2jax.load_model(random_chat_model_dir)
 
 
 @dataclasses.dataclass(frozen=True)
