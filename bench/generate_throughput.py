@@ -7,9 +7,12 @@ next to HF transformers `generate` on the same prompts, in one run.
     python bench/generate_throughput.py --trees old=../t2jax-old,new=.  # two commits, one run
 
 Every (variant, batch) runs in its own subprocess, one after another, so peak RSS is per
-variant and the runs do not share the 2 cores. With --trees, the t2jax variants run from each
-source tree (e.g. a worktree of the commit before a change, and this one), interleaved, and
-the ratios compare each tree with the first. Sampling at temperature 0.7 with
+variant and the runs do not share the 2 cores. With --trees, each t2jax variant runs from
+each source tree (e.g. a worktree of the commit before a change, and this one) in a worker
+process per tree that loads and compiles once, then generates when asked; the workers take
+turns call by call (A B B A ...), so a slow spell of this shared machine, which can last
+minutes and cost 30 %, hits both trees alike. Each cell reports its best call and the
+median over pairs of the later tree's time ratio. Sampling at temperature 0.7 with
 min_new_tokens = max_new_tokens: every variant generates exactly batch × new_tokens tokens.
 Prints one JSON object. The HF variant needs the test extra (torch, accelerate).
 """
@@ -38,7 +41,9 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_t2jax(variant: str, batch: int, new_tokens: int, reps: int) -> dict:
+def _t2jax_call(variant: str, batch: int, new_tokens: int):
+  """Loads the default model with the t2jax on sys.path and returns (generate(seed) -> tokens
+  generated, seconds spent preparing the experts)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
 
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -46,7 +51,7 @@ def run_t2jax(variant: str, batch: int, new_tokens: int, reps: int) -> dict:
   import t2jax  # pylint: disable=import-outside-toplevel
 
   model = t2jax.load_model()
-  experts = None
+  experts, prep_s = None, 0.0
   if variant != "base":
     rng = np.random.default_rng(0)
 
@@ -65,20 +70,42 @@ def run_t2jax(variant: str, batch: int, new_tokens: int, reps: int) -> dict:
   prompts = _prompts(batch)
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7,
             experts=experts)
+
+  def call(seed: int) -> int:
+    out = t2jax.generate(model, prompts, seed=seed, **kw)
+    return sum(len(t) for t in out.token_ids)
+
+  return call, prep_s
+
+
+def _timed(call, seed: int) -> tuple[int, float]:
   t0 = time.perf_counter()
-  t2jax.generate(model, prompts, seed=0, **kw)  # compiles (and materialises a shared expert)
-  first_s = time.perf_counter() - t0
-  times = []
-  for rep in range(reps):
-    t0 = time.perf_counter()
-    out = t2jax.generate(model, prompts, seed=rep + 1, **kw)
-    times.append(time.perf_counter() - t0)
-  n = sum(len(t) for t in out.token_ids)
+  n = call(seed)
+  return n, time.perf_counter() - t0
+
+
+def run_t2jax(variant: str, batch: int, new_tokens: int, reps: int) -> dict:
+  call, prep_s = _t2jax_call(variant, batch, new_tokens)
+  _, first_s = _timed(call, 0)  # compiles (and materialises a shared expert)
+  runs = [_timed(call, rep + 1) for rep in range(reps)]
+  n, times = runs[0][0], [t for _, t in runs]
   result = {"tokens": n, "first_call_s": round(first_s, 2),
             "seconds": [round(t, 3) for t in times], "tokens_per_s": round(n / min(times), 1)}
   if variant != "base":
     result["expert_setup_s"] = round(prep_s, 2)
   return result
+
+
+def worker(variant: str, batch: int, new_tokens: int) -> None:
+  """--trees: compiles once, then times one generate per seed read from stdin, a JSON line
+  each, until stdin closes."""
+  call, _ = _t2jax_call(variant, batch, new_tokens)
+  _, first_s = _timed(call, 0)
+  print(json.dumps({"first_call_s": round(first_s, 2)}), flush=True)
+  for line in sys.stdin:
+    n, seconds = _timed(call, int(line))
+    print(json.dumps({"tokens": n, "seconds": seconds, "peak_rss_mb": round(_peak_rss_mb())}),
+          flush=True)
 
 
 def run_hf(batch: int, new_tokens: int, reps: int) -> dict:
@@ -125,7 +152,7 @@ def _tok_s(row: dict, name: str) -> float | None:
 
 def _ratios(row: dict, labels: list[str]) -> dict[str, float]:
   """Per tree: shared and per_row over its base, its base over HF; each later tree's cells
-  over the first tree's."""
+  over the first tree's (best call over best call, and the median paired ratio)."""
   out = {}
   hf = _tok_s(row, "hf")
   for label in labels:
@@ -141,7 +168,64 @@ def _ratios(row: dict, labels: list[str]) -> dict[str, float]:
       new, old = _tok_s(row, f"{label}:{variant}"), _tok_s(row, f"{labels[0]}:{variant}")
       if new and old:
         out[f"{label}_over_{labels[0]}:{variant}"] = round(new / old, 3)
+      paired = row.get(f"{label}:{variant}", {}).get(f"paired_median_over_{labels[0]}")
+      if paired:
+        out[f"{label}_over_{labels[0]}:{variant}:paired_median"] = paired
   return out
+
+
+def _child_cell(variant: str, batch: int, args, tree: str) -> dict:
+  """One variant in its own process, from `tree` (its t2jax on PYTHONPATH)."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--batch", str(batch),
+         "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)]
+  env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  if proc.returncode:
+    return {"error": proc.stderr.strip().splitlines()[-1:]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _paired_cells(variant: str, batch: int, args, trees: dict[str, str]) -> dict:
+  """One t2jax variant from every tree: a worker per tree, calls alternating A B B A ...;
+  returns {label: cell}, the later trees' cells with their median paired ratio to the first."""
+  procs = {}
+  for label, tree in trees.items():
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--batch", str(batch),
+           "--new-tokens", str(args.new_tokens)]
+    procs[label] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
+  cells: dict[str, dict] = {}
+  try:
+    for label, proc in procs.items():  # the workers compile one after the other
+      line = proc.stdout.readline()
+      if not line:
+        cells[label] = {"error": proc.stderr.read().strip().splitlines()[-1:]}
+      else:
+        cells[label] = {**json.loads(line), "seconds": []}
+    if any("error" in c for c in cells.values()):
+      return cells
+    labels = list(trees)
+    for i in range(args.pairs):
+      for label in labels if i % 2 == 0 else labels[::-1]:
+        procs[label].stdin.write(f"{i + 1}\n")
+        procs[label].stdin.flush()
+        r = json.loads(procs[label].stdout.readline())
+        cells[label]["seconds"].append(r["seconds"])
+        cells[label]["tokens"], cells[label]["peak_rss_mb"] = r["tokens"], r["peak_rss_mb"]
+  finally:
+    for proc in procs.values():
+      proc.stdin.close()
+      proc.wait()
+  first = cells[labels[0]]["seconds"]
+  for label in labels:
+    c = cells[label]
+    c["tokens_per_s"] = round(c["tokens"] / min(c["seconds"]), 1)
+    if label != labels[0]:  # > 1: this tree is faster; pairs share the machine's state
+      ratios = sorted(a / b for a, b in zip(first, c["seconds"]))
+      c[f"paired_median_over_{labels[0]}"] = round(ratios[len(ratios) // 2], 3)
+    c["seconds"] = [round(t, 3) for t in c["seconds"]]
+  return cells
 
 
 def main() -> None:
@@ -154,11 +238,17 @@ def main() -> None:
                  help="run every variant this many times, interleaved; report each one's best")
   p.add_argument("--trees", default="",
                  help="label=DIR,...: run the t2jax variants from each source tree (a checkout "
-                      "with t2jax/ and bench/); default: this one")
+                      "with t2jax/), paired call by call; default: this one")
+  p.add_argument("--pairs", type=int, default=6,
+                 help="with --trees: timed calls per tree and variant")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     child(args.child, int(args.batch), args.new_tokens, args.reps)
+    return
+  if args.worker:
+    worker(args.worker, int(args.batch), args.new_tokens)
     return
   variants = [v for v in args.variants.split(",") if v]
   unknown = sorted(set(variants) - set(VARIANTS))
@@ -167,35 +257,29 @@ def main() -> None:
   result = {"new_tokens": args.new_tokens, "temperature": 0.7, "dtype": "float32",
             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": {}}
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  trees = dict(t.split("=", 1) for t in args.trees.split(",") if t) or {"": here}
+  trees = dict(t.split("=", 1) for t in args.trees.split(",") if t)
   for label, tree in trees.items():
-    if not os.path.isfile(os.path.join(tree, "bench", "generate_throughput.py")):
-      sys.exit(f"--trees {label}={tree}: no bench/generate_throughput.py there")
-  # (label of the tree, variant): HF runs once, from this tree
-  cells = [(label, v) for label in trees for v in variants if v != "hf"]
-  cells = ([("", "hf")] if "hf" in variants else []) + cells
+    if not os.path.isdir(os.path.join(tree, "t2jax")):
+      sys.exit(f"--trees {label}={tree}: no t2jax package there")
   for batch in [int(b) for b in args.batch.split(",")]:
     row, seen = {}, {}
-    for _ in range(args.rounds):  # cells interleaved: a slow spell of the machine hits all
-      for label, variant in cells:
-        tree = trees.get(label, here)
-        name = f"{label}:{variant}" if label else variant
-        cmd = [sys.executable, os.path.join(tree, "bench", "generate_throughput.py"), "--child",
-               variant, "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--reps",
-               str(args.reps)]
-        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode:
-          row[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
+    for _ in range(1 if trees else args.rounds):  # interleaved: a slow spell hits all
+      for variant in variants:
+        if trees and variant != "hf":
+          row.update({f"{label}:{variant}": cell for label, cell in
+                      _paired_cells(variant, batch, args, trees).items()})
           continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        seen.setdefault(name, []).append(r["tokens_per_s"])
-        if r["tokens_per_s"] >= row.get(name, {}).get("tokens_per_s", 0.0):
-          row[name] = r
+        r = _child_cell(variant, batch, args, here)
+        if "error" in r:
+          row[variant] = r
+          continue
+        seen.setdefault(variant, []).append(r["tokens_per_s"])
+        if r["tokens_per_s"] >= row.get(variant, {}).get("tokens_per_s", 0.0):
+          row[variant] = r
     for name, values in seen.items():
       if len(values) > 1 and "tokens_per_s" in row.get(name, {}):
         row[name]["tokens_per_s_each_round"] = values
-    row["ratios"] = _ratios(row, list(trees) if args.trees else [""])
+    row["ratios"] = _ratios(row, list(trees) or [""])
     result["runs"][f"batch_{batch}"] = row
   print(json.dumps(result, indent=1))
 
