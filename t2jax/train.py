@@ -4,6 +4,11 @@ Trains an SVF expert with REINFORCE (+ KL to the base model). Running the same c
 workdir that holds a checkpoint resumes it. Writes to WORKDIR: checkpoints/, metrics.jsonl,
 tb/ (TensorBoard), best_expert/ (best on val), expert/ (exported at the end), plot.png,
 summary.json.
+
+From Python, `train(cfg, workdir, hooks=[...])`: the run is `loop` over RL steps, and after
+every step each hook is called with (step, state, metrics, last=...): the built-in ones log,
+evaluate on val (keeping the best expert) and checkpoint, then the caller's (every process
+calls them; `jax.process_index()` tells the lead).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -26,6 +32,37 @@ class TrainingError(RuntimeError):
   """Training cannot go on (NaN loss or reward); the message names the step and what was kept."""
 
 
+class Hook(Protocol):
+  """Called after each update with the 1-based step, the new TrainState and the step's
+  metrics (floats); `last` on the run's final step."""
+
+  def __call__(self, step: int, state: trainer.TrainState, metrics: dict[str, float], *,
+               last: bool) -> None: ...
+
+
+StepFn = Callable[[trainer.TrainState, int], "tuple[trainer.TrainState, dict[str, float]]"]
+
+
+def loop(state: trainer.TrainState, steps: range, step_fn: StepFn,
+         hooks: Sequence[Hook]) -> trainer.TrainState:
+  """Runs step_fn(state, step) for the 0-based `steps`, then every hook, in order."""
+  for step in steps:
+    state, metrics = step_fn(state, step)
+    for hook in hooks:
+      hook(step + 1, state, metrics, last=step + 1 == steps.stop)
+  return state
+
+
+def every(n: int, hook: Hook) -> Hook:
+  """`hook` at every n-th step and at the last one; never when n is 0."""
+
+  def maybe(step, state, metrics, *, last):
+    if n and (step % n == 0 or last):
+      hook(step, state, metrics, last=last)
+
+  return maybe
+
+
 def _load_json(path: str) -> dict | None:
   if not os.path.isfile(path):
     return None
@@ -37,8 +74,9 @@ def _write_json(path: str, obj: dict) -> None:
   atomic.write_text(path, json.dumps(obj, indent=1))
 
 
-def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) the training described by `cfg` in `workdir`; returns the summary."""
+def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = ()) -> dict:
+  """Runs (or resumes) the training described by `cfg` in `workdir`; returns the summary.
+  `hooks` run after the built-in ones at every step (see the module docstring)."""
   setup = run_setup.prepare(cfg)
   model, task = setup.model, setup.task
   lead = jax.process_index() == 0
@@ -91,55 +129,66 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if os.path.isdir(best_path):
     best_val = t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
 
+  def rl_step(state, step: int):
+    """Rollouts of the step's prompts with the current z, scored, then the update."""
+    idx = next(loader)
+    t0 = time.perf_counter()
+    # sampling.run runs progs.prefill and progs.decode: the same jitted functions with the
+    # same static arguments (sampling.static_args)
+    got = trainer.collect(
+        progs.materialise(params, factors, state.z), [train_prompts[i] for i in idx],
+        [train_recs[i] for i in idx], task=task, tokenizer=model.tokenizer, cfg=model.config,
+        sampler=progs.sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
+        seed=trainer.rollout_seed(state.rng, step), pad_id=model.pad_id,
+        eos_ids=model.eos_ids, mesh=mesh, prompt_len=prompt_len)
+    t1 = time.perf_counter()
+    # sums over the global batch: reward, correct, non-finite rewards, new tokens
+    totals = sharding.batch_sum([
+        np.nansum(got.rollouts.reward_N), got.correct.sum(),
+        (~np.isfinite(got.rollouts.reward_N)).sum(), got.new_tokens], mesh, cfg.batch_size)
+    rows = cfg.batch_size * cfg.samples_per_prompt
+    if totals[2]:
+      raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
+                          f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
+                          f"{ckpt.directory}.")
+    state, metrics = progs.update(state, sharding.global_batch(got.rollouts, mesh), params,
+                                  factors)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    t2 = time.perf_counter()
+    if not all(map(math.isfinite, metrics.values())):
+      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+      raise TrainingError(f"step {step + 1}: {', '.join(bad)} became non-finite; stopped "
+                          f"without saving it. Last good checkpoint: step "
+                          f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
+                          "config.kl_coef, or set config.grad_clip.")
+    metrics.update(
+        reward=totals[0] / rows, train_accuracy=totals[1] / rows,
+        completion_tokens=totals[3] / rows, rollout_s=t1 - t0, update_s=t2 - t1,
+        tokens_per_s=totals[3] / (t2 - t0))
+    return state, metrics
+
   log = reporting.RunLog(workdir, total_steps=cfg.steps, start_step=start, enabled=lead,
                          progress=progress)
+
+  def log_step(step, state, metrics, *, last):  # pylint: disable=unused-argument
+    log.log_step(step, metrics)
+
+  def validate(step, state, metrics, *, last):  # pylint: disable=unused-argument
+    nonlocal best_val
+    val = score(state.z, "val")
+    log.log_eval(step, "val", val)
+    if val["accuracy"] > best_val and lead:
+      best_val = val["accuracy"]
+      setup.expert(state.z, name=f"{cfg.task}-best", metrics={
+          "val_accuracy": best_val, "step": step}).save(best_path)
+
+  def save(step, state, metrics, *, last):  # pylint: disable=unused-argument
+    ckpt.save(step, state, loader.get_state(), config_dict, model.fingerprint)
+
   with log:
-    for step in range(start, cfg.steps):
-      idx = next(loader)
-      t0 = time.perf_counter()
-      # sampling.run runs progs.prefill and progs.decode: the same jitted functions with the
-      # same static arguments (sampling.static_args)
-      got = trainer.collect(
-          progs.materialise(params, factors, state.z), [train_prompts[i] for i in idx],
-          [train_recs[i] for i in idx], task=task, tokenizer=model.tokenizer, cfg=model.config,
-          sampler=progs.sampler, samples=cfg.samples_per_prompt, max_new=cfg.max_new_tokens,
-          seed=trainer.rollout_seed(state.rng, step), pad_id=model.pad_id,
-          eos_ids=model.eos_ids, mesh=mesh, prompt_len=prompt_len)
-      t1 = time.perf_counter()
-      # sums over the global batch: reward, correct, non-finite rewards, new tokens
-      totals = sharding.batch_sum([
-          np.nansum(got.rollouts.reward_N), got.correct.sum(),
-          (~np.isfinite(got.rollouts.reward_N)).sum(), got.new_tokens], mesh, cfg.batch_size)
-      rows = cfg.batch_size * cfg.samples_per_prompt
-      if totals[2]:
-        raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
-                            f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
-                            f"{ckpt.directory}.")
-      state, metrics = progs.update(state, sharding.global_batch(got.rollouts, mesh), params,
-                                    factors)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      t2 = time.perf_counter()
-      if not all(map(math.isfinite, metrics.values())):
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        raise TrainingError(f"step {step + 1}: {', '.join(bad)} became non-finite; stopped "
-                            f"without saving it. Last good checkpoint: step "
-                            f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
-                            "config.kl_coef, or set config.grad_clip.")
-      metrics.update(
-          reward=totals[0] / rows, train_accuracy=totals[1] / rows,
-          completion_tokens=totals[3] / rows, rollout_s=t1 - t0, update_s=t2 - t1,
-          tokens_per_s=totals[3] / (t2 - t0))
-      log.log_step(step + 1, metrics)
-      done = step + 1 == cfg.steps
-      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
-        val = score(state.z, "val")
-        log.log_eval(step + 1, "val", val)
-        if val["accuracy"] > best_val and lead:
-          best_val = val["accuracy"]
-          setup.expert(state.z, name=f"{cfg.task}-best", metrics={
-              "val_accuracy": best_val, "step": step + 1}).save(best_path)
-      if (step + 1) % cfg.checkpoint_every == 0 or done:
-        ckpt.save(step + 1, state, loader.get_state(), config_dict, model.fingerprint)
+    state = loop(state, range(start, cfg.steps), rl_step,
+                 [log_step, every(cfg.eval_every, validate),
+                  every(cfg.checkpoint_every, save), *hooks])
   ckpt.wait()
   ckpt.close()
   return _finish(cfg, workdir, setup, state, base, best_path, score, lead)

@@ -16,6 +16,7 @@ kill but `save` first lets an earlier checkpoint finish writing, so which one su
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import os
 import signal
@@ -24,7 +25,7 @@ import sys
 import jax
 
 from conftest import tiny_config
-from t2jax import checkpoint, distributed, reporting, trainer
+from t2jax import checkpoint, distributed, programs, reporting, trainer
 from t2jax.train import train
 
 # 4 prompts a batch: splits over the 4 devices of the cross-layout test
@@ -69,20 +70,20 @@ def _kill_in_reward(at: int) -> None:
 
 
 def _kill_after_update(at: int) -> None:
-  real_make = trainer.make_step_fn
+  real_build = programs.build
 
-  def make_step_fn(*args, **kwargs):
-    step_fn = real_make(*args, **kwargs)
+  def build(*args, **kwargs):  # the run's programs, its update wrapped
+    progs = real_build(*args, **kwargs)
 
-    def step(*a):
-      state, metrics = step_fn(*a)
+    def update(*a):
+      state, metrics = progs.update(*a)
       if int(jax.block_until_ready(state).step) == at:
         _die()
       return state, metrics
 
-    return step
+    return dataclasses.replace(progs, update=update)
 
-  trainer.make_step_fn = make_step_fn
+  programs.build = build
 
 
 def _kill_mid_line(at: int) -> None:

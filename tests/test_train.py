@@ -17,7 +17,7 @@ from conftest import tiny_config
 from t2jax import checkpoint, config_defaults, evaluate, reporting, rl, run_setup
 from t2jax.tasks import TaskError
 from t2jax.tasks.math import Arithmetic
-from t2jax.train import TrainingError, train
+from t2jax.train import TrainingError, every, loop, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,11 @@ def test_resumed_run_ends_with_the_z_of_an_uninterrupted_one(chat_model_dir, tmp
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train(tiny_config(chat_model_dir), straight, progress=False)
   train(tiny_config(chat_model_dir, steps=2), resumed, progress=False)
-  train(tiny_config(chat_model_dir), resumed, progress=False)
+  seen = []  # a caller's hook sees the resumed steps only, after the update
+  train(tiny_config(chat_model_dir), resumed, progress=False,
+        hooks=[lambda step, state, metrics, *, last: seen.append(
+            (step, int(state.step), last, "kl" in metrics and "reward" in metrics))])
+  assert seen == [(3, 3, False, True), (4, 4, True, True)]
   z_a, z_b = _z(straight), _z(resumed)
   assert z_a.keys() == z_b.keys()
   for k in z_a:
@@ -51,6 +55,22 @@ def test_resumed_run_ends_with_the_z_of_an_uninterrupted_one(chat_model_dir, tmp
   model = t2jax.load_model(chat_model_dir)
   expert = t2jax.Expert.load(os.path.join(resumed, "expert"))
   assert model.logits([[5, 6, 7]], expert).shape == (1, 3, model.config.vocab_size)
+
+
+def test_loop_runs_each_hook_after_every_step_and_every_n_at_multiples_and_the_last():
+  calls = []
+  record = lambda name: lambda step, state, metrics, *, last: calls.append(
+      (name, step, state, metrics["at"], last))
+  final = loop(10, range(2, 7), lambda state, step: (state + 1, {"at": step}),
+               [record("all"), every(3, record("3")), every(0, record("never"))])
+  assert final == 15
+  assert [c for c in calls if c[0] == "all"] == [
+      ("all", 3, 11, 2, False), ("all", 4, 12, 3, False), ("all", 5, 13, 4, False),
+      ("all", 6, 14, 5, False), ("all", 7, 15, 6, True)]
+  assert [c[1:] for c in calls if c[0] == "3"] == [(3, 11, 2, False), (6, 14, 5, False),
+                                                   (7, 15, 6, True)]
+  assert not [c for c in calls if c[0] == "never"]
+  assert calls[:2] == [("all", 3, 11, 2, False), ("3", 3, 11, 2, False)]  # in the given order
 
 
 def test_eval_keeps_the_best_val_expert(chat_model_dir, tmp_path, monkeypatch):
