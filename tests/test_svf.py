@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import flax.nnx as nnx
@@ -442,3 +443,18 @@ def test_scanned_z_gradients_equal_unrolled(loaded, parametrisation, remat):
     if stack:  # the Param state of a scanned model still names every matrix of every layer
       assert set(targets_lib.hf_from_state(nnx.state(m, nnx.Param))) == set(e.z)
   np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_an_expert_saved_before_the_nnx_model_loads_and_gives_its_logits(default_model):
+  """tests/fixtures/pre_nnx_expert was saved by commit 48879df, before the Flax NNX model,
+  beside that code's logits for it (tests/fixtures/make_pre_nnx_expert.py): q_proj at rank 4,
+  `paper` z far from init (the logits move by up to 6.3 from base)."""
+  with open(os.path.join(FIXTURES, "pre_nnx_logits.json")) as f:
+    ref = json.load(f)
+  expert = t2jax.Expert.load(os.path.join(FIXTURES, "pre_nnx_expert"))
+  logits = np.asarray(default_model.logits([ref["tokens"]], expert))[0]
+  np.testing.assert_allclose(logits[:, ref["ids"]], ref["logits"], atol=1e-3)
+  assert logits.argmax(-1).tolist() == ref["argmax"]
