@@ -31,7 +31,9 @@ COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "targets", "rank",
 _BEFORE_THE_KEY = {"scan_layers": False}  # layers were unrolled
 
 
-def _value(config: dict, key: str):
+def config_value(config: dict, key: str):
+  """`key` of a saved or current config as compared on resume (a key saved configs predate
+  gets the value those runs had)."""
   value = config.get(key, _BEFORE_THE_KEY.get(key))
   if key == "scan_layers":  # compared as the layout it gives, "auto" resolved on this backend
     value = llama.scan_enabled(value)  # (train.py saves it resolved; a saved "auto" is older)
@@ -67,12 +69,12 @@ class Checkpoints:
       return
     saved = self._read(step, meta=ocp.args.JsonRestore())["meta"]
     diffs = [k for k in _compared_keys(saved["config"])
-             if _value(saved["config"], k) != _value(config, k)]
+             if config_value(saved["config"], k) != config_value(config, k)]
     if saved["fingerprint"] != fingerprint:
       diffs.append("model weights (fingerprint)")
     if diffs:
       detail = "; ".join(
-          f"{k}: saved {_value(saved['config'], k)!r}, now {_value(config, k)!r}"
+          f"{k}: saved {config_value(saved['config'], k)!r}, now {config_value(config, k)!r}"
           for k in diffs if k in config)
       raise CheckpointError(
           f"{self.directory} holds a checkpoint (step {step}) of an incompatible run: "

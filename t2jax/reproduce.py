@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from t2jax import adapt_eval, atomic
+from t2jax import adapt_eval, atomic, checkpoint
 from t2jax.config_defaults import config_module
 
 EXPERTS_DIR = "experts"
@@ -95,8 +95,10 @@ def check_run_config(run_dir: str, cfg) -> None:
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       had = json.load(f)
-    if had != want:
-      keys = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+    # as a resume compares them: a key added since (scan_layers) has the value older runs had
+    keys = sorted(k for k in set(had) | set(want)
+                  if checkpoint.config_value(had, k) != checkpoint.config_value(want, k))
+    if keys:
       raise ValueError(f"{run_dir} holds a run of another training config (it differs in "
                        f"{keys}): move or delete that directory to train with the current "
                        "config, or restore the old settings.")

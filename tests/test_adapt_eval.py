@@ -289,3 +289,23 @@ def test_a_changed_recipe_is_not_reused(tmp_path):
   with pytest.raises(ValueError, match=r"differs in \['steps', 'task_args'\]"):
     reproduce.check_run_config(run, reproduce.training_config(spec))
   assert open(os.path.join(run, reproduce.CONFIG_FILE), encoding="utf-8").read() == saved
+
+
+def test_a_run_recorded_before_scan_layers_existed_is_the_unrolled_layout(tmp_path):
+  """Runs recorded before config.scan_layers had unrolled layers: the current config ("auto",
+  unrolled on this CPU) reuses them; asking for scanned layers is refused, naming the key."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  run = str(tmp_path / "experts" / "math")
+  spec = ml_collections.ConfigDict({"config": "math.py", "overrides": {"steps": 3}})
+  cfg = reproduce.training_config(spec)
+  assert cfg.scan_layers == "auto"
+  old = json.loads(cfg.to_json_best_effort(sort_keys=True))
+  del old["scan_layers"]
+  os.makedirs(run)
+  with open(os.path.join(run, reproduce.CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(old, f)
+  reproduce.check_run_config(run, cfg)  # accepted
+  spec.overrides.scan_layers = "True"
+  with pytest.raises(ValueError, match=r"differs in \['scan_layers'\]"):
+    reproduce.check_run_config(run, reproduce.training_config(spec))
