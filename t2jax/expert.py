@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2jax import atomic, svf
+from t2jax import atomic, official, svf
 from t2jax.targets import (DEFAULT_TARGETS, SVFError, check_rank, hf_module_name, resolve,
                            targeted, tree_from_hf)
 
@@ -142,14 +142,12 @@ class Expert:
   @classmethod
   def from_official(cls, path: str, model, *, name: str | None = None,
                     max_mult: float = 2.0) -> "Expert":
-    """Imports an expert saved by the official Transformer² code (a torch-saved dict
-    HF parameter name → z vector, `paper` parametrisation, full-rank MLP targets). Needs torch."""
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ImportError("importing official experts needs torch (pip install torch).") from None
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    z = {k: v.detach().float().numpy().reshape(-1) for k, v in raw.items()}
+    """Imports an expert saved by the official Transformer² code: its default
+    `policy_params.pt` or the legacy `learnable_params.pt` (t2jax.official says how each
+    numbers z). `paper` parametrisation, full-rank MLP targets; max_mult cancels in its
+    nuclear-norm rescale, so 2.0 (t2jax's) gives the official W' and mixes with t2jax
+    experts. Needs torch."""
+    z = official.read_z(path, model.params)
     expert = cls(z=z, fingerprint=model.fingerprint, targets=DEFAULT_TARGETS, rank=None,
                  parametrisation="paper", name=name or os.path.basename(path),
                  max_mult=max_mult)
