@@ -185,6 +185,11 @@ def _child_cell(variant: str, batch: int, args, tree: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _worker_error(proc: subprocess.Popen) -> dict:
+  proc.wait()
+  return {"error": proc.stderr.read().strip().splitlines()[-1:], "returncode": proc.returncode}
+
+
 def _paired_cells(variant: str, batch: int, args, trees: dict[str, str]) -> dict:
   """One t2jax variant from every tree: a worker per tree, calls alternating A B B A ...;
   returns {label: cell}, the later trees' cells with their median paired ratio to the first."""
@@ -200,23 +205,24 @@ def _paired_cells(variant: str, batch: int, args, trees: dict[str, str]) -> dict
     for label, proc in procs.items():  # the workers compile one after the other
       line = proc.stdout.readline()
       if not line:
-        cells[label] = {"error": proc.stderr.read().strip().splitlines()[-1:]}
-      else:
-        cells[label] = {**json.loads(line), "seconds": []}
-    if any("error" in c for c in cells.values()):
-      return cells
+        return {label: _worker_error(proc)}
+      cells[label] = {**json.loads(line), "seconds": []}
     labels = list(trees)
     for i in range(args.pairs):
       for label in labels if i % 2 == 0 else labels[::-1]:
         procs[label].stdin.write(f"{i + 1}\n")
         procs[label].stdin.flush()
-        r = json.loads(procs[label].stdout.readline())
+        line = procs[label].stdout.readline()
+        if not line:  # the worker died mid-run (e.g. out of memory)
+          return {label: _worker_error(procs[label])}
+        r = json.loads(line)
         cells[label]["seconds"].append(r["seconds"])
         cells[label]["tokens"], cells[label]["peak_rss_mb"] = r["tokens"], r["peak_rss_mb"]
   finally:
     for proc in procs.values():
-      proc.stdin.close()
-      proc.wait()
+      if proc.poll() is None:
+        proc.stdin.close()
+        proc.wait()
   first = cells[labels[0]]["seconds"]
   for label in labels:
     c = cells[label]
