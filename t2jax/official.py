@@ -22,19 +22,20 @@ import re
 
 import numpy as np
 
+from t2jax.models import llama
 from t2jax.targets import DEFAULT_TARGETS, SVFError, hf_module_name, targeted
 
 POLICY_KEY = "learnable_params_module_list.{}"
 _POLICY_KEY = re.compile(r"learnable_params_module_list\.(\d+)")
 _HF_KEY = re.compile(r"model\.layers\.\d+\..+\.weight")
-# the order HF's LlamaMLP / MistralMLP / Qwen2MLP __init__ registers them, hence state_dict's
-_MLP_ORDER = ("gate_proj", "up_proj", "down_proj")
 
 
 def official_order(params: dict) -> list[tuple[str, int]]:
   """(HF parameter name, z length) of every matrix the official code adapts, in the order it
   numbers them (`learnable_params_module_list.N`)."""
-  found = [(layer, _MLP_ORDER.index(name), hf_module_name(block, name, layer), r)
+  # llama.MLP_PROJ is the order HF's LlamaMLP / MistralMLP / Qwen2MLP register their
+  # projections in, hence state_dict's
+  found = [(layer, llama.MLP_PROJ.index(name), hf_module_name(block, name, layer), r)
            for block, name, layer, _, r in targeted(params, DEFAULT_TARGETS, None)]
   return [(hf, r) for _, _, hf, r in sorted(found)]
 
