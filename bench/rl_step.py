@@ -63,7 +63,7 @@ def main() -> None:
                          shapes=programs.Shapes.from_config(
                              config, sampling.bucket_length(max(map(len, prompts)))),
                          eos_ids=model.eos_ids)
-  state = progs.init_state(setup.init_z(), seed=0)
+  state = progs.init_state(setup.init_trainable(), seed=0)
   params_z = progs.materialise(params, factors, state.z)
   collect = lambda: trainer.collect(
       params_z, prompts, records, task=task, tokenizer=model.tokenizer, cfg=cfg,

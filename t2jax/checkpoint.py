@@ -23,12 +23,14 @@ from t2jax.models import llama
 # (grad_clip adds a link to the optax chain; lr, schedule, warmup and weight decay change the
 # steps still to come; scan_layers stacks z and the optimizer state over layers, another
 # tree); any other key may change on resume (e.g. another `eval_every`).
-COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "targets", "rank",
-                      "parametrisation", "max_mult", "optimizer", "batch_size", "seed",
+COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "adapter", "objective", "targets",
+                      "rank", "parametrisation", "max_mult", "optimizer", "batch_size", "seed",
                       "grad_clip", "lr", "schedule", "warmup_steps", "weight_decay",
                       "scan_layers")
+_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout")  # compared in LoRA runs only
 # What a checkpoint saved before a key existed was made with.
-_BEFORE_THE_KEY = {"scan_layers": False}  # layers were unrolled
+_BEFORE_THE_KEY = {"scan_layers": False,  # layers were unrolled
+                   "adapter": "svf", "objective": "rl"}
 
 
 def config_value(config: dict, key: str):
@@ -44,6 +46,8 @@ def _compared_keys(saved_config: dict) -> list[str]:
   """COMPATIBILITY_KEYS, and `steps` when the saved schedule decays over them (a cosine or
   linear horizon); with a constant schedule more steps simply train longer."""
   keys = list(COMPATIBILITY_KEYS)
+  if config_value(saved_config, "adapter") == "lora":
+    keys.extend(_LORA_KEYS)
   if saved_config.get("schedule", "constant") != "constant":
     keys.append("steps")
   return keys

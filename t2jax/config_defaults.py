@@ -30,12 +30,19 @@ def base_config() -> ml_collections.ConfigDict:
   # task
   c.task = "math"  # math | gsm8k | code | humaneval | mbpp | reasoning | arc | cls
   c.task_args = ml_collections.ConfigDict()  # keyword arguments of the task (see t2jax/tasks)
-  # SVF
+  # what is trained (t2jax/adapters.py) and on what objective
+  c.adapter = "svf"  # svf (z rescales singular values) | lora (the paper's baseline)
+  c.objective = "rl"  # rl (REINFORCE + KL, below) | sft (next-token NLL on the task's references)
   c.targets = ""  # regex over "layers/<block>/<name>"; "" = MLP gate/up/down (official)
+  # SVF
   c.rank = 0  # 0 = full rank (the paper's SVF)
   c.parametrisation = "scale"  # scale (f(z) = z) | paper (sigmoid · max_mult, norm kept)
   c.max_mult = 2.0
   c.init_noise = 0.0
+  # LoRA (adapter = "lora"): K + (alpha / rank)·A B, dropout on A's input while training
+  c.lora_rank = 16
+  c.lora_alpha = 32.0
+  c.lora_dropout = 0.05
   # RL
   c.steps = 100
   c.batch_size = 16  # prompts per step (global, over all processes)

@@ -52,13 +52,14 @@ def _evaluate(f) -> dict:
   import t2jax  # pylint: disable=import-outside-toplevel
   from t2jax import run_setup  # pylint: disable=import-outside-toplevel
 
-  cfg = f.config
+  expert = t2jax.load_expert(f.expert) if f.expert else None
+  cfg = run_setup.for_expert(f.config, expert)
   setup = run_setup.prepare(cfg)
   records = run_setup.eval_subset(setup.task.records(f.split), f.limit)
   setup.place(sharding.make_mesh(cfg.mesh))
   params = setup.params
   if f.expert:
-    params = setup.adapted_params(t2jax.Expert.load(f.expert).z_tree(setup.model))
+    params = setup.adapted_params(setup.load_expert(f.expert))
   result = score(params, setup.encode(records), records, task=setup.task, model=setup.model,
                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                  mesh=setup.mesh)

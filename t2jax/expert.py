@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2jax import atomic, official, svf
+from t2jax import atomic, lora, official, svf
 from t2jax.targets import (DEFAULT_TARGETS, SVFError, check_rank, hf_module_name, resolve,
                            targeted, tree_from_hf)
 
@@ -126,13 +126,17 @@ class Expert:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
     meta_path, z_path = os.path.join(path, _META), os.path.join(path, _Z)
-    if not os.path.isfile(meta_path) or not os.path.isfile(z_path):
+    if not os.path.isfile(meta_path):
       raise FileNotFoundError(f"{path} is not an expert directory (needs {_META} and {_Z}).")
-    with _reading(meta_path), open(meta_path, encoding="utf-8") as f:
+    with reading(meta_path), open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("format") != FORMAT:
-      raise SVFError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
-    with _reading(z_path):
+      hint = (" (a LoRA expert: load it with t2jax.load_expert)"
+              if meta.get("format") == lora.FORMAT else "")
+      raise SVFError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}{hint}.")
+    if not os.path.isfile(z_path):
+      raise FileNotFoundError(f"{path} is not an expert directory (needs {_META} and {_Z}).")
+    with reading(z_path):
       z = dict(load_file(z_path))
     return cls(z=z, fingerprint=meta["fingerprint"],
                targets=meta["targets"], rank=meta["rank"],
@@ -155,8 +159,20 @@ class Expert:
     return expert
 
 
+def load_any(path: str) -> "Expert | lora.LoRAExpert":
+  """The expert saved at `path`: an SVF Expert or a LoRA expert, as its expert.json says."""
+  meta_path = os.path.join(path, _META)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"{path} is not an expert directory (no {_META}).")
+  with reading(meta_path), open(meta_path, encoding="utf-8") as f:
+    kind = json.load(f).get("format")
+  if kind == lora.FORMAT:
+    return lora.LoRAExpert.load(path)
+  return Expert.load(path)
+
+
 @contextlib.contextmanager
-def _reading(path: str) -> Iterator[None]:
+def reading(path: str) -> Iterator[None]:
   """Errors while reading `path` name it: a copy or save cut short leaves a truncated file."""
   try:
     yield
@@ -171,16 +187,17 @@ def _reading(path: str) -> Iterator[None]:
 _MATERIALISED_KEPT = 2  # materialised experts memoised per model (each costs the targets' size)
 
 
-def _z_digest(expert: Expert) -> str:
+def _digest(arrays: dict) -> str:
+  """A content hash of {name: array or {part: array}} (an expert's z or LoRA factors)."""
   h = hashlib.sha256()
-  for k in sorted(expert.z):
-    h.update(k.encode() + np.ascontiguousarray(expert.z[k], np.float32).tobytes())
+  for path, x in sorted(jax.tree_util.tree_flatten_with_path(arrays)[0], key=lambda t: str(t[0])):
+    h.update(str(path).encode() + np.ascontiguousarray(x, np.float32).tobytes())
   return h.hexdigest()
 
 
 def _materialised(model, expert: Expert, dec: svf.Decomposition) -> dict:
   key = ("materialised", expert.targets, expert.rank, expert.parametrisation, expert.max_mult,
-         _z_digest(expert))
+         _digest(expert.z))
   memo = model.cache.setdefault("materialised", collections.OrderedDict())
   if key not in memo:
     memo[key] = svf.materialise_jit(model.params, dec.factors, expert.z_tree(model),
@@ -191,18 +208,35 @@ def _materialised(model, expert: Expert, dec: svf.Decomposition) -> dict:
   return memo[key]
 
 
+def _merged_lora(model, expert: lora.LoRAExpert) -> dict:
+  key = ("lora", expert.scale, _digest(expert.factors))
+  memo = model.cache.setdefault("materialised", collections.OrderedDict())
+  if key not in memo:
+    memo[key] = lora.merged_params(model, expert)
+    while len(memo) > _MATERIALISED_KEPT:
+      memo.popitem(last=False)
+  memo.move_to_end(key)
+  return memo[key]
+
+
 def bind(model, experts, batch: int, mode: str = "auto"):
-  """experts: None, one Expert for all rows, or a list of Expert-or-None per row.
+  """experts: None, one Expert (or LoRA expert) for all rows, or a list of Expert-or-None per
+  row.
   Returns (params, adapters, mode) for llama.forward / the sampler: params the base or a
   materialised expert's, adapters None or an svf.RowAdapters (a z per row, factored), and the
   mode used ("base", "materialised" or "factored")."""
   if experts is None:
     return model.params, None, "base"
+  if isinstance(experts, lora.LoRAExpert):  # merged once: K + alpha/r·A B
+    return _merged_lora(model, experts), None, "materialised"
   rows = [experts] * batch if isinstance(experts, Expert) else list(experts)
   if len(rows) != batch:
     raise SVFError(f"experts has {len(rows)} entries for {batch} prompts; give one Expert for "
                    "the whole batch or one Expert-or-None per prompt.")
   present = [e for e in rows if e is not None]
+  if any(isinstance(e, lora.LoRAExpert) for e in present):
+    raise SVFError("a LoRA expert runs merged into the weights, one for the whole batch; a "
+                   "different expert per row needs SVF experts.")
   if any(not isinstance(e, Expert) for e in present):
     raise TypeError("experts must be t2jax.Expert objects (or None per row).")
   if not present:

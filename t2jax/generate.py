@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _alpha(spec: str, names: list[str]):
+def parse_alpha(spec: str, names: list[str]):
   """--alpha as a file from adapt.save_alpha (its experts must be --experts, in order) or as
   comma-separated weights; returns (alpha, matrices)."""
   import os  # pylint: disable=import-outside-toplevel
@@ -90,7 +90,7 @@ def _two_pass(args, model):
   if args.strategy == "few_shot":
     if not args.alpha:
       raise ValueError("--strategy few_shot needs --alpha (a file or weights).")
-    kw["alpha"], kw["matrices"] = _alpha(args.alpha, list(experts))
+    kw["alpha"], kw["matrices"] = parse_alpha(args.alpha, list(experts))
   if args.no_chat_template:
     raise ValueError("two-pass generation classifies chat prompts: drop --no-chat-template.")
   gen, mixtures, timing = adapt.two_pass_generate(

@@ -1,8 +1,9 @@
 """The one program factory: the jitted programs of a training step, built for a config, a
 model and an explicit mesh.
 
-  update       trainer.train_step: loss, gradient in z, optimizer (B·G rollouts); state donated
-  materialise  svf.materialise: the rollout params W' for the current z
+  update       trainer.train_step: loss, gradient in the trainable tree (SVF z or LoRA factors),
+               optimizer (B·G rollouts, or B reference completions for sft); state donated
+  materialise  adapters.materialise: the rollout params W' for the current trainable tree
   prefill      sampling.prefill of B·G rows into sampling.cache_length(P, C) cache slots
   decode       sampling.decode: the while loop over C new tokens
 
@@ -19,7 +20,8 @@ wires the step by hand.
     progs.update.lower().compile().memory_analysis()
 
 params and factors may be arrays or ShapeDtypeStructs (t2jax.compile builds nothing), laid out
-as the run's layers are (stacked over layers when config.scan_layers scans them).
+as the run's layers are (stacked over layers when config.scan_layers scans them); factors is
+None for a LoRA run (config.adapter).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from t2jax import rl, run_setup, sampling, sharding, svf, trainer
+from t2jax import adapters, rl, run_setup, sampling, sharding, trainer
 from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 
@@ -57,8 +59,10 @@ class Shapes:
 
   @classmethod
   def from_config(cls, cfg, prompt_len: int) -> "Shapes":
-    return cls(batch=int(cfg.batch_size), samples=int(cfg.samples_per_prompt),
-               prompt_len=int(prompt_len), max_new=int(cfg.max_new_tokens))
+    """sft scores one reference completion per prompt."""
+    samples = 1 if cfg.get("objective", "rl") == "sft" else int(cfg.samples_per_prompt)
+    return cls(batch=int(cfg.batch_size), samples=samples, prompt_len=int(prompt_len),
+               max_new=int(cfg.max_new_tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,7 @@ class Program:
 @dataclasses.dataclass(frozen=True)
 class Programs:
   update: Program  # (state, rollouts, params, factors) → (state, metrics)
-  materialise: Program  # (params, factors, z) → params with W'
+  materialise: Program  # (params, factors, trainable) → params with W'
   prefill: Program  # (model state, tokens, mask, limit, min_new, rng) → DecodeState
   decode: Program  # (model state, DecodeState) → DecodeState
   optimizer: optax.GradientTransformation
@@ -114,13 +118,6 @@ def abstract(tree, shardings) -> Any:
                       tree)
 
 
-def z_like(factors) -> Any:
-  """The float32 z tree SVD factors take: one [r] (stacked: [L, r]) per targeted matrix."""
-  one = lambda f_layer: {b: {n: jax.ShapeDtypeStruct(np.shape(f["s"]), jnp.float32)
-                             for n, f in names.items()} for b, names in f_layer.items()}
-  return one(factors) if llama.is_stacked(factors) else [one(f) for f in factors]
-
-
 def rollouts_like(shapes: Shapes, mesh: Mesh) -> rl.Rollouts:
   """Abstract rollouts of a step, rows split over the batch axes as sharding.global_batch
   places them."""
@@ -141,11 +138,12 @@ def build(cfg, model_cfg: ModelConfig, params, factors, *, mesh: Mesh, shapes: S
   params_sh = sharding.tree_shardings(params, mesh)
   factors_sh = sharding.tree_shardings(factors, mesh)
   params_a, factors_a = abstract(params, params_sh), abstract(factors, factors_sh)
-  z_a = abstract(z_like(factors), rep)
+  z_a = abstract(adapters.trainable_like(cfg, params, factors), rep)
   opt = optimizer(cfg)
+  settings = run_setup.rl_settings(cfg)
 
   step = functools.partial(
-      trainer.train_step, cfg=model_cfg, settings=run_setup.rl_settings(cfg), optimizer=opt,
+      trainer.train_step, cfg=model_cfg, settings=settings, optimizer=opt,
       num_microbatches=int(cfg.microbatches), mesh=mesh)
   state_a = abstract(jax.eval_shape(lambda z: trainer.init_state(z, opt, cfg.seed), z_a), rep)
   # state and metrics replicated (tiny), rollouts split over the batch axes, params and
@@ -157,8 +155,7 @@ def build(cfg, model_cfg: ModelConfig, params, factors, *, mesh: Mesh, shapes: S
 
   # W' placed like the base weights it replaces, which is where the sampler reads them
   materialise = Program(
-      jax.jit(functools.partial(svf.materialise, parametrisation=cfg.parametrisation,
-                                max_mult=float(cfg.max_mult)),
+      jax.jit(functools.partial(adapters.materialise, settings=settings),
               in_shardings=(params_sh, factors_sh, rep), out_shardings=params_sh),
       (params_a, factors_a, z_a), out_shardings=params_sh)
 

@@ -1,4 +1,5 @@
-"""REINFORCE with a KL penalty for SVF experts: advantages, sequence log-probs, the loss.
+"""REINFORCE with a KL penalty for SVF and LoRA experts (or next-token SFT): advantages,
+sequence log-probs, the loss.
 
 The objective (paper, eq. 1): maximise E[log π_z(y|x)·r(x, y)] − λ·KL(π_z ‖ π_base).
 Differences from the official code, each a config switch (see configs/paper_gsm8k.py for the
@@ -23,13 +24,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from t2jax import svf
+from t2jax import adapters as adapters_lib
 from t2jax.models import llama
 from t2jax.models.config import ModelConfig
 
 BASELINES = ("none", "batch_mean", "leave_one_out")
 KL_ESTIMATORS = ("off", "exact", "k3")
 NORMALISATIONS = ("sum", "mean")
+OBJECTIVES = ("rl", "sft")
 # loss_fn metrics that are means over completion tokens (the rest are means over rows)
 PER_TOKEN_METRICS = ("logp_per_token", "kl")
 
@@ -44,11 +46,17 @@ class RLSettings:
   parametrisation: str = "scale"
   max_mult: float = 2.0
   remat: bool = False  # recompute each decoder layer in the backward pass (llama.forward)
+  adapter: str = "svf"  # svf | lora (t2jax/adapters.py)
+  lora_scale: float = 2.0  # alpha / rank
+  lora_dropout: float = 0.0
+  objective: str = "rl"  # rl (REINFORCE + KL) | sft (next-token NLL on the task's references)
 
   def __post_init__(self):
     for value, allowed, what in ((self.baseline, BASELINES, "baseline"),
                                  (self.kl, KL_ESTIMATORS, "kl"),
-                                 (self.logprob_norm, NORMALISATIONS, "logprob_norm")):
+                                 (self.logprob_norm, NORMALISATIONS, "logprob_norm"),
+                                 (self.objective, OBJECTIVES, "objective"),
+                                 (self.adapter, adapters_lib.ADAPTERS, "adapter")):
       if value not in allowed:
         raise ValueError(f"{what} {value!r} is unknown; use one of {allowed}.")
 
@@ -78,9 +86,10 @@ def advantages(reward_BxG: jnp.ndarray, baseline: str) -> jnp.ndarray:
 
 
 def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig, remat: bool = False,
-                      mesh: jax.sharding.Mesh | None = None) -> jnp.ndarray:
+                      mesh: jax.sharding.Mesh | None = None, adapters=None) -> jnp.ndarray:
   """Float32 logits [N, C, V]: position t predicts completion token t. `mesh`: the one the
-  calling program is built for (activations kept split over its batch axes)."""
+  calling program is built for (activations kept split over its batch axes); `adapters`:
+  modules swapped into the projections (llama.forward)."""
   b, p = batch.prompt_BxP.shape
   n, c = batch.completion_NxC.shape
   g = n // b
@@ -90,7 +99,7 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig, remat:
   positions = llama.positions_from_mask(batch.prompt_mask_BxP)
   hidden_BxPxD, cache = llama.forward(params, batch.prompt_BxP, positions, cache,
                                       jnp.zeros((), jnp.int32), key_valid, cfg=cfg,
-                                      remat=remat, mesh=mesh)
+                                      adapters=adapters, remat=remat, mesh=mesh)
   rep = lambda x: jnp.repeat(x, g, axis=0)  # [B, ...] → [N, ...], prompt b's G rows together
   hidden_first_Nx1xD = rep(hidden_BxPxD[:, -1:])  # left padding: the prompt ends at slot P-1
   if c == 1:
@@ -100,8 +109,8 @@ def completion_logits(params: dict, batch: Rollouts, *, cfg: ModelConfig, remat:
   start_N = rep(positions[:, -1] + 1)
   inputs_NxC1 = batch.completion_NxC[:, :-1]
   hidden_rest, _ = llama.forward(params, inputs_NxC1, start_N[:, None] + jnp.arange(c - 1), cache,
-                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg, remat=remat,
-                                 mesh=mesh)
+                                 jnp.asarray(p, jnp.int32), rep(key_valid), cfg=cfg,
+                                 adapters=adapters, remat=remat, mesh=mesh)
   return llama.lm_head(params, jnp.concatenate([hidden_first_Nx1xD, hidden_rest], axis=1))
 
 
@@ -121,33 +130,45 @@ def batch_advantages(batch: Rollouts, baseline: str) -> jnp.ndarray:
   return advantages(batch.reward_N.reshape(b, -1), baseline).reshape(-1)
 
 
-def loss_fn(z_tree: list, params: dict, factors: list, batch: Rollouts, *, cfg: ModelConfig,
-            settings: RLSettings, mesh: jax.sharding.Mesh | None = None
+def loss_fn(trainable, params: dict, frozen, batch: Rollouts, *, cfg: ModelConfig,
+            settings: RLSettings, mesh: jax.sharding.Mesh | None = None, key=None,
+            adv_N: jnp.ndarray | None = None, token_count: jnp.ndarray | None = None
             ) -> tuple[jnp.ndarray, dict]:
-  """REINFORCE loss (+ λ·KL) of the expert z on a batch of rollouts, and its metrics.
-  Differentiable in z only: params and factors are constants (svf.materialise stops them)."""
-  adapted = svf.materialise(params, factors, z_tree, parametrisation=settings.parametrisation,
-                            max_mult=settings.max_mult)
-  return policy_loss(adapted, params, batch, cfg=cfg, settings=settings, mesh=mesh)
+  """The loss of the trainable tree (SVF z or LoRA factors; `frozen`: SVD factors or None) on
+  a batch, and its metrics. Differentiable in `trainable` only: params and factors are
+  constants. key: LoRA dropout (None: none); adv_N, token_count: see policy_loss."""
+  policy_params, adapters = adapters_lib.policy(params, frozen, trainable, settings, key)
+  return policy_loss(policy_params, params, batch, cfg=cfg, settings=settings, adv_N=adv_N,
+                     token_count=token_count, mesh=mesh, adapters=adapters)
 
 
 def policy_loss(adapted: dict, params: dict, batch: Rollouts, *, cfg: ModelConfig,
                 settings: RLSettings, adv_N: jnp.ndarray | None = None,
-                mesh: jax.sharding.Mesh | None = None) -> tuple[jnp.ndarray, dict]:
-  """The loss of loss_fn given the policy's weights `adapted` (W' materialised) and the base
-  `params` (the KL reference). `adv_N`: advantages computed over the larger batch this one is
-  a microbatch of."""
-  logits = completion_logits(adapted, batch, cfg=cfg, remat=settings.remat, mesh=mesh)
+                token_count: jnp.ndarray | None = None, mesh: jax.sharding.Mesh | None = None,
+                adapters=None) -> tuple[jnp.ndarray, dict]:
+  """The loss given the policy's weights `adapted` (+ `adapters` modules) and the base
+  `params` (the KL reference). `adv_N`, `token_count`: the advantages and the completion
+  tokens (sft's denominator) of the larger batch this one is a microbatch of.
+
+  objective rl: −mean(adv · log π(y|x)) + λ·KL; sft: the mean negative log-likelihood per
+  reference token (completions are the task's references; no KL, rewards unused)."""
+  logits = completion_logits(adapted, batch, cfg=cfg, remat=settings.remat, mesh=mesh,
+                             adapters=adapters)
   mask = batch.completion_mask_NxC
   logp_NxC = token_logprobs(logits, batch.completion_NxC)
+  tokens = jnp.maximum(jnp.sum(mask), 1)
+  metrics = {"logp_per_token": jnp.sum(jnp.where(mask, logp_NxC, 0)) / tokens,
+             "tokens": tokens.astype(jnp.float32)}
+  if settings.objective == "sft":
+    denominator = tokens if token_count is None else token_count
+    loss = -jnp.sum(jnp.where(mask, logp_NxC, 0.0)) / denominator
+    return loss, {**metrics, "loss": loss}
   if adv_N is None:
     adv_N = batch_advantages(batch, settings.baseline)
   adv_N = jax.lax.stop_gradient(adv_N)
   seq_logp_N = _reduce(logp_NxC, mask, settings.logprob_norm)
   pg_loss = -jnp.mean(adv_N * seq_logp_N)
-  tokens = jnp.maximum(jnp.sum(mask), 1)
-  metrics = {"pg_loss": pg_loss, "logp_per_token": jnp.sum(jnp.where(mask, logp_NxC, 0)) / tokens,
-             "tokens": tokens.astype(jnp.float32)}
+  metrics["pg_loss"] = pg_loss
   loss = pg_loss
   if settings.kl != "off":
     ref_logits = jax.lax.stop_gradient(completion_logits(params, batch, cfg=cfg, mesh=mesh))

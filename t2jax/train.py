@@ -1,9 +1,10 @@
 """`python -m t2jax.train --config configs/math.py [--workdir DIR] [--config.key=value ...]`
 
-Trains an SVF expert with REINFORCE (+ KL to the base model). Running the same command on a
-workdir that holds a checkpoint resumes it. Writes to WORKDIR: checkpoints/, metrics.jsonl,
-tb/ (TensorBoard), best_expert/ (best on val), expert/ (exported at the end), plot.png,
-summary.json.
+Trains an SVF expert with REINFORCE (+ KL to the base model); config.adapter = "lora" trains
+a LoRA expert instead, and config.objective = "sft" trains by next-token prediction on the
+task's reference completions. Running the same command on a workdir that holds a checkpoint
+resumes it. Writes to WORKDIR: checkpoints/, metrics.jsonl, tb/ (TensorBoard), best_expert/
+(best on val), expert/ (exported at the end), plot.png, summary.json.
 
 From Python, `train(cfg, workdir, hooks=[...])`: the run is `loop` over RL steps, and after
 every step each hook is called with (step, state, metrics, last=...): the built-in ones log,
@@ -105,7 +106,9 @@ def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = (
   progs = programs.build(cfg, model.config, params, factors, mesh=mesh,
                          shapes=programs.Shapes.from_config(cfg, prompt_len),
                          eos_ids=model.eos_ids)
-  state = progs.init_state(setup.init_z(), cfg.seed)
+  state = progs.init_state(setup.init_trainable(), cfg.seed)
+  sft = cfg.get("objective", "rl") == "sft"
+  train_refs = setup.references(train_recs) if sft else None
   start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, state)
@@ -127,7 +130,19 @@ def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = (
   best_path = os.path.join(workdir, "best_expert")
   best_val = -math.inf
   if os.path.isdir(best_path):
-    best_val = t2jax.Expert.load(best_path).metrics.get("val_accuracy", -math.inf)
+    best_val = t2jax.load_expert(best_path).metrics.get("val_accuracy", -math.inf)
+
+  def update(state, step: int, rollouts, t0: float, t1: float):
+    """The update on this step's batch; stops on a non-finite metric (nothing saved)."""
+    state, metrics = progs.update(state, sharding.global_batch(rollouts, mesh), params, factors)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(map(math.isfinite, metrics.values())):
+      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+      raise TrainingError(f"step {step + 1}: {', '.join(bad)} became non-finite; stopped "
+                          f"without saving it. Last good checkpoint: step "
+                          f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
+                          "config.kl_coef, or set config.grad_clip.")
+    return state, {**metrics, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1}
 
   def rl_step(state, step: int):
     """Rollouts of the step's prompts with the current z, scored, then the update."""
@@ -151,20 +166,24 @@ def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = (
       raise TrainingError(f"step {step + 1}: the task returned a non-finite reward; nothing "
                           f"was updated. Last checkpoint: step {ckpt.latest_step()} in "
                           f"{ckpt.directory}.")
-    state, metrics = progs.update(state, sharding.global_batch(got.rollouts, mesh), params,
-                                  factors)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    t2 = time.perf_counter()
-    if not all(map(math.isfinite, metrics.values())):
-      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-      raise TrainingError(f"step {step + 1}: {', '.join(bad)} became non-finite; stopped "
-                          f"without saving it. Last good checkpoint: step "
-                          f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.lr or "
-                          "config.kl_coef, or set config.grad_clip.")
+    state, metrics = update(state, step, got.rollouts, t0, t1)
     metrics.update(
         reward=totals[0] / rows, train_accuracy=totals[1] / rows,
-        completion_tokens=totals[3] / rows, rollout_s=t1 - t0, update_s=t2 - t1,
-        tokens_per_s=totals[3] / (t2 - t0))
+        completion_tokens=totals[3] / rows,
+        tokens_per_s=totals[3] / (metrics["rollout_s"] + metrics["update_s"]))
+    return state, metrics
+
+  def sft_step(state, step: int):
+    """The step's prompts with their reference completions, then the update."""
+    idx = next(loader)
+    t0 = time.perf_counter()
+    batch = trainer.reference_batch([train_prompts[i] for i in idx], [train_refs[i] for i in idx],
+                                    pad_id=model.pad_id, prompt_len=prompt_len,
+                                    max_new=cfg.max_new_tokens)
+    tokens = sharding.batch_sum([batch.completion_mask_NxC.sum()], mesh, cfg.batch_size)[0]
+    state, metrics = update(state, step, batch, t0, time.perf_counter())
+    metrics.update(completion_tokens=tokens / cfg.batch_size,
+                   tokens_per_s=tokens / (metrics["rollout_s"] + metrics["update_s"]))
     return state, metrics
 
   log = reporting.RunLog(workdir, total_steps=cfg.steps, start_step=start, enabled=lead,
@@ -186,7 +205,7 @@ def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = (
     ckpt.save(step, state, loader.get_state(), config_dict, model.fingerprint)
 
   with log:
-    state = loop(state, range(start, cfg.steps), rl_step,
+    state = loop(state, range(start, cfg.steps), sft_step if sft else rl_step,
                  [log_step, every(cfg.eval_every, validate),
                   every(cfg.checkpoint_every, save), *hooks])
   ckpt.wait()
@@ -197,11 +216,11 @@ def train(cfg, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = (
 def _finish(cfg, workdir, setup, state, base, best_path, score, lead) -> dict:
   """Exports the expert (best on val when evaluated, else the last z), scores it on test and
   writes plot.png and summary.json."""
-  final = t2jax.Expert.load(best_path) if lead and os.path.isdir(best_path) else None
+  final = t2jax.load_expert(best_path) if lead and os.path.isdir(best_path) else None
   best_step = distributed.json_from_lead(final.metrics.get("step") if final else None)
   z = jax.device_get(state.z)
   if best_step is not None:
-    z = distributed.arrays_from_lead(final.z_tree(setup.model) if final else z)
+    z = distributed.arrays_from_lead(setup.trainable_of(final) if final else z)
   expert_scores = {"val": score(z, "val"), "test": score(z, "test")}
   rows = {"base": {s: base[s]["accuracy"] for s in ("val", "test")},
           "expert": {s: expert_scores[s]["accuracy"] for s in ("val", "test")}}

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t2jax import rl, sampling, svf
+from t2jax import adapters, rl, sampling, svf
 from t2jax.models.config import ModelConfig
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jnp.ndarray  # [] int32: updates applied so far
-  z: list  # per layer {block: {name: [r]}}: the only trainable pytree
+  z: list  # the only trainable pytree (config.adapter): SVF's z, per layer {block: {name: [r]}},
+  # or LoRA's {"a": [n, r], "b": [r, m]} per matrix
   opt_state: Any
   rng: jnp.ndarray  # uint32 [2]: raw key data, so checkpoints hold a plain array
 
@@ -78,35 +79,44 @@ def microbatches(batch: rl.Rollouts, adv_N: jnp.ndarray,
   return jax.tree.map(split, batch), split(adv_N)
 
 
-def _accumulated_grads(z: list, params: dict, factors: list, batch: rl.Rollouts, k: int, *,
+def _accumulated_grads(z, params: dict, factors, batch: rl.Rollouts, k: int, *,
                        cfg: ModelConfig, settings: rl.RLSettings,
-                       mesh: jax.sharding.Mesh | None) -> tuple[list, dict]:
+                       mesh: jax.sharding.Mesh | None, key=None) -> tuple[list, dict]:
   """Gradient accumulation over k microbatches, the activations (the [rows, C, vocab] logits
-  above all) of one at a time. W'(z) is built once: the loop accumulates dL/dW' of the
-  targeted kernels and one VJP through materialise turns the sum into dL/dz. Advantages are
-  those of the whole batch."""
-  def targeted(z_tree):
-    return svf.targeted_kernels(svf.materialise(
-        params, factors, z_tree, parametrisation=settings.parametrisation,
-        max_mult=settings.max_mult), factors)
+  above all) of one at a time. Advantages and sft's token count are those of the whole batch.
+  SVF: W'(z) is built once, the loop accumulates dL/dW' of the targeted kernels and one VJP
+  through materialise turns the sum into dL/dz. LoRA: the loop accumulates dL/d(A, B) of the
+  unmerged forward (dropout acts there), a key per microbatch."""
+  adv_N = rl.batch_advantages(batch, settings.baseline)
+  chunks = microbatches(batch, adv_N, k)
+  token_count = jnp.maximum(jnp.sum(batch.completion_mask_NxC), 1).astype(jnp.float32) / k
+  if settings.adapter == "svf":
+    def targeted(z_tree):
+      return svf.targeted_kernels(adapters.materialise(params, factors, z_tree, settings), factors)
 
-  kernels, pullback = jax.vjp(targeted, z)
-  chunks = microbatches(batch, rl.batch_advantages(batch, settings.baseline), k)
+    wrt, pullback = jax.vjp(targeted, z)
+    loss = lambda ks, chunk, _: rl.policy_loss(
+        svf.with_kernels(params, ks), params, chunk[0], cfg=cfg, settings=settings,
+        adv_N=chunk[1], token_count=token_count, mesh=mesh)
+  else:
+    wrt, pullback = z, lambda g: (g,)
+    loss = lambda ab, chunk, j: rl.loss_fn(
+        ab, params, factors, chunk[0], cfg=cfg, settings=settings, mesh=mesh,
+        key=None if key is None else jax.random.fold_in(key, j), adv_N=chunk[1],
+        token_count=token_count)
 
-  def one(chunk):
-    loss = lambda ks: rl.policy_loss(svf.with_kernels(params, ks), params, chunk[0], cfg=cfg,
-                                     settings=settings, adv_N=chunk[1], mesh=mesh)
-    g, m = jax.grad(loss, has_aux=True)(kernels)
+  def one(chunk, j):
+    g, m = jax.grad(loss, has_aux=True)(wrt, chunk, j)
     # per-token means are weighted by their microbatch's token count
     return g, {n: v * m["tokens"] if n in rl.PER_TOKEN_METRICS else v for n, v in m.items()}
 
-  def accumulate(total, chunk):  # in float32 whatever the kernels' dtype
-    return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, one(chunk)), None
+  def accumulate(total, chunk_j):  # in float32 whatever the kernels' dtype
+    return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, one(*chunk_j)), None
 
-  like = jax.eval_shape(one, jax.tree.map(lambda x: x[0], chunks))
+  like = jax.eval_shape(one, jax.tree.map(lambda x: x[0], chunks), 0)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), like)
-  (g_kernels, metrics), _ = jax.lax.scan(accumulate, zeros, chunks)
-  (grads,) = pullback(jax.tree.map(lambda g, w: (g / k).astype(w.dtype), g_kernels, kernels))
+  (g_sum, metrics), _ = jax.lax.scan(accumulate, zeros, (chunks, jnp.arange(k)))
+  (grads,) = pullback(jax.tree.map(lambda g, w: (g / k).astype(w.dtype), g_sum, wrt))
   count = {"tokens": 1.0, **{n: metrics["tokens"] for n in rl.PER_TOKEN_METRICS}}
   return grads, {n: v / count.get(n, k) for n, v in metrics.items()}
 
@@ -123,28 +133,47 @@ def _check_rollouts(batch: rl.Rollouts) -> None:
                    [jnp.int32, bool, jnp.int32, bool, jnp.float32])
 
 
-def train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors: list, *,
+def train_step(state: TrainState, batch: rl.Rollouts, params: dict, factors, *,
                cfg: ModelConfig, settings: rl.RLSettings,
                optimizer: optax.GradientTransformation, num_microbatches: int = 1,
                mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict]:
-  """One update: loss, gradient in z, optimizer. With num_microbatches > 1 the gradient is
+  """One update: loss, gradient in the trainable tree (SVF z or LoRA factors; `factors`: the
+  SVD factors, None for LoRA), optimizer. With num_microbatches > 1 the gradient is
   accumulated over that many slices of the batch (the same update up to float rounding, for
   a fraction of the activation memory). `mesh`: the one the program is built for, whose batch
   axes the activations stay split over. Jitted, with its shardings, by t2jax.programs."""
   _check_rollouts(batch)
   chex.assert_type(jax.tree.leaves(state.z), jnp.float32)
+  # LoRA dropout: a pure function of the run's key and the step, so a resumed run draws the
+  # masks the uninterrupted one drew
+  key = jax.random.fold_in(state.rng, state.step) if adapters.uses_dropout(settings) else None
   if num_microbatches == 1:
     grads, metrics = jax.grad(rl.loss_fn, has_aux=True)(state.z, params, factors, batch,
-                                                        cfg=cfg, settings=settings, mesh=mesh)
+                                                        cfg=cfg, settings=settings, mesh=mesh,
+                                                        key=key)
   else:
     grads, metrics = _accumulated_grads(state.z, params, factors, batch, num_microbatches,
-                                        cfg=cfg, settings=settings, mesh=mesh)
+                                        cfg=cfg, settings=settings, mesh=mesh, key=key)
   chex.assert_trees_all_equal_shapes(grads, state.z)  # a gradient for z and nothing else
   updates, opt_state = optimizer.update(grads, state.opt_state, state.z)
   z = optax.apply_updates(state.z, updates)
   chex.assert_trees_all_equal_shapes_and_dtypes(z, state.z)  # the layout checkpoints hold
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, z=z, opt_state=opt_state), metrics
+
+
+def reference_batch(prompts: Sequence[list[int]], references: Sequence[list[int]], *,
+                    pad_id: int, prompt_len: int, max_new: int) -> rl.Rollouts:
+  """The sft batch: each prompt (left-padded to prompt_len) with its reference completion
+  (right-padded, or cut, to max_new tokens) as the one completion of its row; no rewards."""
+  prompt, prompt_mask = sampling.left_pad(prompts, pad_id, prompt_len)
+  completion = np.full((len(references), max_new), pad_id, np.int32)
+  mask = np.zeros((len(references), max_new), bool)
+  for i, ref in enumerate(references):
+    ref = ref[:max_new]
+    completion[i, :len(ref)], mask[i, :len(ref)] = ref, True
+  return rl.Rollouts(prompt_BxP=prompt, prompt_mask_BxP=prompt_mask, completion_NxC=completion,
+                     completion_mask_NxC=mask, reward_N=np.zeros(len(references), np.float32))
 
 
 def rollout_seed(state_rng: np.ndarray, step: int) -> int:

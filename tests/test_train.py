@@ -212,7 +212,8 @@ def _load_config(name: str):
   return config_defaults.config_module(os.path.join(ROOT, "configs", name))
 
 
-@pytest.mark.parametrize("name", ["math.py", "math_cot.py", "paper_gsm8k.py"])
+@pytest.mark.parametrize("name", ["math.py", "math_cot.py", "math_lora_sft.py", "math_lora_rl.py",
+                                  "paper_gsm8k.py"])
 def test_config_files_hold_their_command_and_every_key(name):
   module = _load_config(name)
   assert f"python -m t2jax.train --config configs/{name}" in module.__doc__
