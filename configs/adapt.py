@@ -6,6 +6,7 @@ whole pipeline, training included, is `python -m t2jax.reproduce --config config
 
   python -m t2jax.evaluate --config configs/adapt.py \
       --config.experts=math=DIR,code=DIR,reasoning=DIR --config.cls_expert=DIR \
+      [--config.baselines=lora_sft:math=DIR,lora_rl:math=DIR] \
       --config.eval_size=N --config.few_shot.iterations=K --workdir W
 
 Target tasks (label = the expert their prompts belong to):
@@ -55,6 +56,9 @@ def get_config(suite: str = ""):
   c.dtype = "float32"
   # experts
   c.experts = ""  # "label=DIR,...": one expert per task label, e.g. math=runs/math/expert
+  # other experts scored beside them, each on its label's task only (not mixed): the paper's
+  # LoRA baselines, e.g. lora_sft:math=runs/math_lora_sft/expert (configs/math_lora_sft.py)
+  c.baselines = ""  # "ROW:LABEL=DIR,..."
   c.cls_expert = ""  # classification expert dir (configs/cls.py); "" skips cls_expert
   # target tasks: "label=task,..." (a bare name is its own label); settings keyed by label
   trained = {name: _config(f"{name}.py") for name in ("math", "code", "reasoning")}

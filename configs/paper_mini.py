@@ -3,9 +3,10 @@
   python -m t2jax.reproduce --config configs/paper_mini.py --workdir runs/paper
   make reproduce                     # the same, into runs/paper
 
-Trains the math, code and reasoning experts and the classification expert (each as its own
-config file trains it, with the overrides below), then writes Table 1 (each expert vs base on
-its own task's test split, 256 records) and Table 2 (configs/adapt.py: base, each expert,
+Trains the math, code and reasoning experts, the classification expert and the math LoRA
+baselines (each as its own config file trains it, with the overrides below), then writes
+Table 1 (each expert vs base on its own task's test split, 256 records, the LoRA rows beside
+the math expert) and Table 2 (configs/adapt.py: base, each expert,
 prompt, cls_expert and few_shot on the unseen targets math_word, HumanEval and the held-out
 reasoning family), with 95 % bootstrap intervals. Rerun the same command after an
 interruption: finished experts and evaluation cells are kept, an interrupted expert resumes
@@ -24,12 +25,14 @@ from t2jax.config_defaults import config_module
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _expert(config: str, prior_step_s: float, prior_eval_s: float, **overrides):
+def _expert(config: str, prior_step_s: float, prior_eval_s: float, label: str = "",
+            **overrides):
   """A training run: its config file, the overrides of its keys (task_args may gain keys),
-  and priors for the time-left estimate before the run has measured its own pace."""
+  priors for the time-left estimate before the run has measured its own pace, and for a
+  baseline the label of the expert whose task it is scored on."""
   return ml_collections.ConfigDict({"config": config, "overrides": overrides,
                                     "prior_step_s": prior_step_s,
-                                    "prior_eval_s": prior_eval_s})
+                                    "prior_eval_s": prior_eval_s, "label": label})
 
 
 def get_config():
@@ -43,6 +46,12 @@ def get_config():
                       eval_size=64, test_size=0, task_args={"test_size": 256}),
       "reasoning": _expert("reasoning.py", 80, 300, test_size=0,
                            task_args={"test_size": 256}),
+  })
+  # the paper's LoRA baselines for the math expert (Table 1: LoRA by next-token prediction;
+  # Table 4: LoRA by the policy gradient), scored beside it as rows "ROW" on math
+  c.baselines_train = ml_collections.ConfigDict({
+      "lora_sft": _expert("math_lora_sft.py", 2, 120, label="math"),
+      "lora_rl": _expert("math_lora_rl.py", 30, 120, label="math"),
   })
   # the classification expert (cls_expert strategy); config "" skips it
   c.cls = _expert("cls.py", 150, 300, steps=16, eval_every=8, eval_size=40)

@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from t2jax import adapt, atomic, run_setup, stats
-from t2jax.expert import Expert
+from t2jax import adapt, atomic, lora, run_setup, stats
+from t2jax.expert import Expert, load_any
 from t2jax.generation import generate
 from t2jax.tasks import make_task
 from t2jax.tasks.cls import OTHER, PROMPT_STYLES
@@ -70,13 +70,44 @@ def parse_tasks(spec: str) -> dict[str, str]:
   return out
 
 
-def load_expert(label: str, path: str, model) -> Expert:
+def parse_baselines(spec: str, labels: Sequence[str]) -> dict[str, dict[str, str]]:
+  """config.baselines "ROW:LABEL=DIR,..." → {row: {label: dir}}: other experts (LoRA, or SVF
+  trained otherwise) scored as row ROW on the own task of expert LABEL."""
+  out: dict[str, dict[str, str]] = {}
+  for item in (s.strip() for s in spec.split(",") if s.strip()):
+    key, eq, path = item.partition("=")
+    row, colon, label = key.strip().partition(":")
+    if not (eq and colon and row and label and path.strip()):
+      raise ValueError(f"config.baselines item {item!r} is not ROW:LABEL=DIR "
+                       "(e.g. lora_sft:math=runs/math_lora_sft/expert).")
+    if label not in labels:
+      raise ValueError(f"config.baselines item {item!r}: label {label!r} is not one of the "
+                       f"experts' labels {list(labels)}.")
+    if row in ("base", "expert") or label in out.get(row, {}):
+      raise ValueError(f"config.baselines: row {row!r} is reserved or repeated for {label!r}.")
+    out.setdefault(row, {})[label] = path.strip()
+  return out
+
+
+def load_expert(label: str, path: str, model, *, svf_only: bool = True):
+  """The expert at `path` checked against model; svf_only: it is mixed (a two-pass expert),
+  which LoRA experts cannot be."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"expert {label!r}: {path} is not a directory (an expert saved by "
                             "python -m t2jax.train, e.g. runs/math/expert).")
-  e = Expert.load(path)
+  e = load_any(path)
+  if svf_only and not isinstance(e, Expert):
+    raise ValueError(f"expert {label!r}: {path} is a LoRA expert; two-pass adaptation mixes "
+                     "SVF experts' z. Score it as a baseline row (config.baselines).")
   e.check(model)  # a clear error now, not in the middle of the table
   return e
+
+
+def num_params(e) -> int:
+  """Trained parameters of an expert: z's entries (SVF) or r·(in + out) per matrix (LoRA)."""
+  if isinstance(e, lora.LoRAExpert):
+    return e.num_params
+  return int(sum(np.size(z) for z in e.z.values()))
 
 
 @dataclasses.dataclass
@@ -112,10 +143,18 @@ def make_suite(label: str, task_name: str, task_args: dict, size: int, max_new_t
   return Suite(label, task_name, task, records, int(max_new_tokens), settings)
 
 
-def expert_id(e: Expert | None) -> str:
-  """What a cell's outcomes depend on in an expert: its z (hashed) and its SVF space."""
+def expert_id(e) -> str:
+  """What a cell's outcomes depend on in an expert: its z (hashed) and its SVF space, or a
+  LoRA expert's factors and scale."""
   if e is None:
     return "base"
+  if isinstance(e, lora.LoRAExpert):
+    h = hashlib.sha256(json.dumps(["lora", e.fingerprint, e.targets, e.rank, e.alpha]).encode())
+    for k in sorted(e.factors):
+      for part in ("a", "b"):
+        h.update(f"{k}.{part}".encode())
+        h.update(np.ascontiguousarray(e.factors[k][part], np.float32).tobytes())
+    return h.hexdigest()[:16]
   h = hashlib.sha256(json.dumps([e.fingerprint, e.targets, e.rank, e.parametrisation,
                                  e.max_mult]).encode())
   for k in sorted(e.z):
@@ -294,6 +333,7 @@ class Context:
   batch: int
   seed: int
   log: Callable[[str], None]
+  baselines: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # row → label
   # reproduce's estimate: (cell, work units = records × new tokens, seconds or None if cached)
   progress: Callable[[str, int, float | None], None] = lambda what, units, seconds: None
 
@@ -315,7 +355,7 @@ def _cell(ctx: Context, table: str, row: str, suite: Suite, parts: dict,
   return cell
 
 
-def single_cell(ctx: Context, table: str, row: str, suite: Suite, e: Expert | None) -> dict:
+def single_cell(ctx: Context, table: str, row: str, suite: Suite, e) -> dict:
   """Greedy outcomes of one model (base or one expert) on every record of the suite."""
   def compute():
     texts = generate_rows(ctx.model, suite, e, ctx.batch)
@@ -324,15 +364,28 @@ def single_cell(ctx: Context, table: str, row: str, suite: Suite, e: Expert | No
 
 
 def own_task_table(ctx: Context, suites: Sequence[Suite]) -> dict:
-  """Table 1: each expert vs base on the test split of its own training task."""
+  """Table 1: each expert vs base on the test split of its own training task, and every
+  baseline row (config.baselines, e.g. LoRA) vs base and vs the expert, with the parameters
+  each trained."""
   out = {"labels": [s.label for s in suites], "tasks": {s.label: s.task_name for s in suites},
-         "rows": {"base": {}, "expert": {}}, "diff": {}}
+         "rows": {"base": {}, "expert": {}}, "diff": {}, "paired": {}, "params": {"expert": {}}}
   for s in suites:
     base = single_cell(ctx, "own", "base", s, None)
     own = single_cell(ctx, "own", f"expert:{s.label}", s, ctx.experts[s.label])
     out["rows"]["base"][s.label] = interval(base["outcomes"], ctx.seed)
     out["rows"]["expert"][s.label] = interval(own["outcomes"], ctx.seed)
     out["diff"][s.label] = paired(own["outcomes"], base["outcomes"], ctx.seed)
+    out["params"]["expert"][s.label] = num_params(ctx.experts[s.label])
+    for row, by_label in ctx.baselines.items():
+      if s.label not in by_label:
+        continue
+      e = by_label[s.label]
+      cell = single_cell(ctx, "own", f"{row}:{s.label}", s, e)
+      out["rows"].setdefault(row, {})[s.label] = interval(cell["outcomes"], ctx.seed)
+      out["params"].setdefault(row, {})[s.label] = num_params(e)
+      for name, other in (("base", base), ("expert", own)):
+        out["paired"].setdefault(f"{row} − {name}", {})[s.label] = paired(
+            cell["outcomes"], other["outcomes"], ctx.seed)
   return out
 
 
@@ -404,6 +457,10 @@ def target_table(ctx: Context, suites: Sequence[Suite], strategies: Sequence[str
     for label, e in ctx.experts.items():
       for s in suites:
         keep(f"expert:{label}", s, single_cell(ctx, "target", f"expert:{label}", s, e))
+  for row, by_label in ctx.baselines.items():  # each on the task of its label only
+    for s in suites:
+      if s.label in by_label:
+        keep(row, s, single_cell(ctx, "target", f"{row}:{s.label}", s, by_label[s.label]))
   pass1 = {"threshold": float(cfg.threshold), "calibrated": bool(cfg.calibrated),
            "prompt_style": cfg.dispatch_prompt}
   for strategy in ("prompt", "cls_expert"):
@@ -435,7 +492,10 @@ def target_table(ctx: Context, suites: Sequence[Suite], strategies: Sequence[str
   return {"labels": [s.label for s in suites], "tasks": {s.label: s.task_name for s in suites},
           "eval_size": {s.label: len(s.records) for s in suites}, "rows": rows,
           "paired": _comparisons(outcomes, suites, ctx.seed), "dispatch": dispatch,
-          "timing": timing, "few_shot": searches}
+          "timing": timing, "few_shot": searches,
+          "params": {**{f"expert:{n}": num_params(e) for n, e in ctx.experts.items()},
+                     **{f"{row}:{lab}": num_params(e) for row, by_label in ctx.baselines.items()
+                        for lab, e in by_label.items()}}}
 
 
 def warm_timing(ctx: Context, suite: Suite, pass1: dict) -> dict:
@@ -467,7 +527,7 @@ def _comparisons(outcomes: dict[str, dict[str, list]], suites: Sequence[Suite],
     lab = s.label
     if "base" in outcomes:
       for row in outcomes:
-        if row != "base":
+        if row != "base" and lab in outcomes[row]:  # a baseline row has its own task only
           out.setdefault(f"{row} − base", {})[lab] = paired(outcomes[row][lab],
                                                             outcomes["base"][lab], seed)
     if singles:
@@ -497,12 +557,20 @@ def report(result: dict) -> str:
     heads = [f"{lab} ({own['tasks'][lab]})" for lab in own["labels"]]
     parts += ["## Table 1: each expert vs base on its own task (test split, 95 % intervals)", "",
               markdown_table(own["rows"], own["labels"], heads), "",
-              paired_markdown({"expert − base": own["diff"]}, own["labels"]), ""]
+              paired_markdown({"expert − base": own["diff"], **own.get("paired", {})},
+                              own["labels"]), ""]
+    for row, by_label in own.get("params", {}).items():
+      parts.append(f"- parameters trained, {row}: " + ", ".join(
+          f"{lab} {n:,}" for lab, n in by_label.items()))
+    parts.append("")
   target = result["target"]
   heads = [f"{lab} ({target['tasks'][lab]})" for lab in target["labels"]]
   parts += ["## Table 2: target tasks (95 % intervals)", "",
             markdown_table(target["rows"], target["labels"], heads), "",
             paired_markdown(target["paired"], target["labels"]), ""]
+  if target.get("params"):
+    parts.append("- parameters trained: " + ", ".join(
+        f"{row} {n:,}" for row, n in target["params"].items()))
   for strategy, d in target["dispatch"].items():
     parts.append(f"- dispatch {strategy}: {100 * d['accuracy']:.1f} % right; confusion "
                  f"{json.dumps(d['confusion'])}")
@@ -535,8 +603,11 @@ def setup(cfg, workdir: str, log: Callable[[str], None]) -> tuple[Context, list[
   model = t2jax.load_model(cfg.model or None, dtype=cfg.dtype)
   experts = {label: load_expert(label, p, model) for label, p in paths.items()}
   cls_expert = load_expert("cls", cfg.cls_expert, model) if cfg.cls_expert else None
+  baselines = {row: {label: load_expert(f"{row}:{label}", p, model, svf_only=False)
+                     for label, p in by_label.items()}
+               for row, by_label in parse_baselines(cfg.get("baselines", ""), list(paths)).items()}
   ctx = Context(model, experts, cls_expert, Cells(workdir, log), int(cfg.eval_batch_size),
-                int(cfg.seed), log)
+                int(cfg.seed), log, baselines=baselines)
   return ctx, strategies
 
 

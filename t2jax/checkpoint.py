@@ -30,7 +30,8 @@ COMPATIBILITY_KEYS = ("model", "dtype", "task", "task_args", "adapter", "objecti
 _LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout")  # compared in LoRA runs only
 # What a checkpoint saved before a key existed was made with.
 _BEFORE_THE_KEY = {"scan_layers": False,  # layers were unrolled
-                   "adapter": "svf", "objective": "rl"}
+                   "adapter": "svf", "objective": "rl",  # SVF by RL, LoRA at its defaults
+                   "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.05}
 
 
 def config_value(config: dict, key: str):

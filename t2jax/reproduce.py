@@ -217,8 +217,9 @@ def own_suites(cfg, names: Sequence[str]) -> list[adapt_eval.Suite]:
 
 
 def eval_units(cfg, own: Sequence[adapt_eval.Suite], target: Sequence[adapt_eval.Suite],
-               experts: int) -> int:
-  """Work units (records × new tokens) of every evaluation cell, for the estimate."""
+               experts: int, baseline_labels: Sequence[str] = ()) -> int:
+  """Work units (records × new tokens) of every evaluation cell, for the estimate. A baseline
+  row is scored on its label's own and target task."""
   strategies = [s.strip() for s in cfg.strategies.split(",") if s.strip()]
   rows = (("base" in strategies) + experts * ("experts" in strategies)
           + ("prompt" in strategies) * 2 + ("cls_expert" in strategies)
@@ -226,6 +227,8 @@ def eval_units(cfg, own: Sequence[adapt_eval.Suite], target: Sequence[adapt_eval
   fs = cfg.few_shot
   search = int(fs.iterations) * int(fs.population) * int(fs.shots)
   units = sum(2 * len(s.records) * s.max_new_tokens for s in own)
+  units += sum(len(s.records) * s.max_new_tokens for s in [*own, *target]
+               for label in baseline_labels if s.label == label)
   for s in target:
     units += rows * len(s.records) * s.max_new_tokens
     if "few_shot" in strategies:
@@ -238,6 +241,12 @@ def reproduce(cfg, workdir: str) -> dict:
   specs = {name: cfg.train[name] for name in names}
   if cfg.cls.config:
     specs["cls"] = cfg.cls
+  baselines = dict(cfg.get("baselines_train", {}))
+  for row, spec in baselines.items():
+    if spec.label not in names or row in specs:
+      raise ValueError(f"baselines_train.{row}: label {spec.label!r} must be one of the "
+                       f"experts {names}, and {row!r} not a name already used.")
+    specs[row] = spec
   # every config, override and run directory is checked before hours are spent
   for name, spec in specs.items():
     check_run_config(expert_dir(workdir, name), training_config(spec))
@@ -246,18 +255,22 @@ def reproduce(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   paths = {name: train_expert(name, specs[name], workdir, plan) for name in names}
   cls_path = train_expert("cls", cfg.cls, workdir, plan) if cfg.cls.config else None
+  baseline_paths = {row: train_expert(row, spec, workdir, plan) for row, spec in baselines.items()}
 
   eval_cfg = ml_collections.ConfigDict(cfg.to_dict())
   eval_cfg.experts = ",".join(f"{n}={p}" for n, p in paths.items())
   eval_cfg.cls_expert = cls_path or ""
+  eval_cfg.baselines = ",".join(f"{row}:{baselines[row].label}={p}"
+                                for row, p in baseline_paths.items())
   ctx, _ = adapt_eval.setup(eval_cfg, workdir, _log)
-  plan.eval_units = eval_units(eval_cfg, own, target, len(paths))
+  plan.eval_units = eval_units(eval_cfg, own, target, len(paths),
+                               [spec.label for spec in baselines.values()])
   ctx.progress = plan.on_cell
   plan.report(f"evaluating: Table 1 on {[s.task_name for s in own]}, Table 2 on "
               f"{[s.task_name for s in target]}")
   result = adapt_eval.run(eval_cfg, workdir, own, ctx=ctx, log=_log)
   result["training"] = {n: _summary(expert_dir(workdir, n)) for n in names + (
-      ["cls"] if cls_path else [])}
+      ["cls"] if cls_path else []) + list(baselines)}
   plan.save_wall()
   result["wall_s"] = {"this_invocation": time.time() - plan.start,
                       "all_invocations": plan.total_wall_s(),

@@ -13,6 +13,19 @@ import os
 # libtpu (the tpu extra, needed by the AOT compile tests) makes every jax start-up probe for a
 # TPU; tests run on the CPU, subprocesses included.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# one persistent compilation cache per test session, shared with the subprocesses: the suite
+# builds the same tiny programs many times over (each programs.build or train() jits anew),
+# and XLA's compile dominates a tiny model's test
+_JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"t2jax-test-jax-cache-{os.getpid()}")
+if os.environ.get("T2JAX_TEST_JAX_CACHE", "1") == "1":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 import pytest  # pylint: disable=wrong-import-position
 import torch

@@ -85,6 +85,21 @@ def test_parse_experts_and_tasks_errors():
   for bad in ("", "math=a,math=b"):
     with pytest.raises(ValueError):
       adapt_eval.parse_tasks(bad)
+  assert adapt_eval.parse_baselines("lora:math=a, lora:code=b,sft:math=c", ["math", "code"]) == {
+      "lora": {"math": "a", "code": "b"}, "sft": {"math": "c"}}
+  for bad, why in (("lora=a", "ROW:LABEL=DIR"), ("lora:chem=a", "not one of"),
+                   ("expert:math=a", "reserved"), ("lora:math=a,lora:math=b", "repeated")):
+    with pytest.raises(ValueError, match=why):
+      adapt_eval.parse_baselines(bad, ["math", "code"])
+
+
+def test_a_lora_expert_is_a_baseline_row_not_a_mixed_expert(model, tmp_path):
+  lora_dir = str(tmp_path / "lora")
+  t2jax.LoRAExpert.init(model, rank=2).save(lora_dir)
+  assert isinstance(adapt_eval.load_expert("m", lora_dir, model, svf_only=False),
+                    t2jax.LoRAExpert)
+  with pytest.raises(ValueError, match="config.baselines"):
+    adapt_eval.load_expert("math", lora_dir, model)
 
 
 def test_target_config_holds_out_what_experts_and_classifier_trained_on():
@@ -230,6 +245,11 @@ def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_
   cfg.cls = {"config": "cls.py", "prior_step_s": 1.0, "prior_eval_s": 1.0,
              "overrides": _tiny_run(chat_model_dir, {"sources": "math", "per_source": 10},
                                     max_new_tokens=2)}
+  # a LoRA baseline (next-token trained) scored beside the math expert
+  cfg.baselines_train = ml_collections.ConfigDict({"lora_sft": {
+      "config": "math_lora_sft.py", "prior_step_s": 1.0, "prior_eval_s": 1.0, "label": "math",
+      "overrides": _tiny_run(chat_model_dir, {"level": 1, "system_prompt": "Add."},
+                             lora_rank=2, warmup_steps=0)}})
   cfg.tasks = "math=math"
   cfg.task_args = {"math": {"level": 1, "system_prompt": "Add."}}
   cfg.max_new_tokens = {"math": 3}
@@ -237,12 +257,22 @@ def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_
   cfg.few_shot.update(shots=2, population=2, elites=1, iterations=1)
   work = str(tmp_path / "paper")
   first = reproduce.reproduce(cfg, work)
-  assert first["own"]["labels"] == ["math"] and set(first["own"]["rows"]) == {"base", "expert"}
-  assert set(first["target"]["rows"]) == {"base", "expert:math", "prompt", "cls_expert",
-                                          "few_shot"}
+  assert first["own"]["labels"] == ["math"]
+  assert set(first["own"]["rows"]) == {"base", "expert", "lora_sft"}
+  assert set(first["own"]["paired"]) == {"lora_sft − base", "lora_sft − expert"}
+  lora_expert = t2jax.load_expert(os.path.join(work, "experts", "lora_sft", "expert"))
+  cfg_model = t2jax.load_model(chat_model_dir).config
+  d, f = cfg_model.hidden_size, cfg_model.intermediate_size
+  assert first["own"]["params"]["lora_sft"]["math"] == lora_expert.num_params == \
+      2 * 3 * (d + f) * cfg_model.num_layers  # rank 2, gate/up/down: each in + out = d + f
+  assert first["own"]["params"]["expert"]["math"] == \
+      3 * min(d, f) * cfg_model.num_layers  # one z entry per singular value
+  assert set(first["target"]["rows"]) == {"base", "expert:math", "lora_sft", "prompt",
+                                          "cls_expert", "few_shot"}
+  assert "| lora_sft |" in open(os.path.join(work, "results.md"), encoding="utf-8").read()
   assert reproduce.is_trained(os.path.join(work, "experts", "math"))
   assert reproduce.is_trained(os.path.join(work, "experts", "cls"))
-  assert set(first["training"]) == {"math", "cls"}
+  assert set(first["training"]) == {"math", "cls", "lora_sft"}
 
   # rerun after losing one cell: nothing is trained again, only that cell is recomputed
   def no_training(*a, **k):
@@ -301,7 +331,8 @@ def test_a_run_recorded_before_scan_layers_existed_is_the_unrolled_layout(tmp_pa
   cfg = reproduce.training_config(spec)
   assert cfg.scan_layers == "auto"
   old = json.loads(cfg.to_json_best_effort(sort_keys=True))
-  del old["scan_layers"]
+  for key in ("scan_layers", "adapter", "objective", "lora_rank", "lora_alpha", "lora_dropout"):
+    del old[key]  # none existed then
   os.makedirs(run)
   with open(os.path.join(run, reproduce.CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(old, f)

@@ -132,6 +132,31 @@ def test_checkpoints_compare_the_layer_layout_they_hold(tmp_path):
     ckpt.close()
 
 
+def test_configs_saved_before_the_adapter_keys_read_as_svf_by_rl_and_lora_keys_count_for_lora(
+    tmp_path):
+  """A run saved before config.adapter existed was SVF by RL: it resumes under today's
+  defaults (reproduce compares its training_config.json the same way); lora_* are compared
+  only in LoRA runs."""
+  defaults = config_defaults.base_config()
+  for key in ("adapter", "objective", "lora_rank", "lora_alpha", "lora_dropout"):
+    assert checkpoint.config_value({}, key) == defaults[key]
+  base = {"model": "m", "seed": 0}
+  for i, (adapter, refused) in enumerate((("svf", False), ("lora", True))):
+    ckpt = checkpoint.Checkpoints(str(tmp_path / str(i)))
+    ckpt.save(1, {"z": np.ones(3, np.float32)}, {}, {**base, "adapter": adapter,
+                                                     "lora_rank": 16}, "fp")
+    ckpt.wait()
+    now = {**base, "adapter": adapter, "lora_rank": 8}
+    if refused:
+      with pytest.raises(checkpoint.CheckpointError, match="lora_rank"):
+        ckpt.check_compatible(now, "fp")
+    else:
+      ckpt.check_compatible(now, "fp")
+    with pytest.raises(checkpoint.CheckpointError, match="adapter"):
+      ckpt.check_compatible({**now, "adapter": "svf" if refused else "lora"}, "fp")
+    ckpt.close()
+
+
 def test_a_decaying_schedule_keeps_its_horizon(chat_model_dir, tmp_path):
   workdir = str(tmp_path / "run")
   train(tiny_config(chat_model_dir, steps=2, schedule="cosine"), workdir, progress=False)
