@@ -10,7 +10,13 @@ scanned model), the layout of params["layers"]. Two ways to compute it:
   merged (sampling, evaluation, export): K' = K + (alpha/r)·A B once, then the plain product.
 
 Init as PEFT: A ~ U(-1/√n, 1/√n) (kaiming-uniform with a = √5), B = 0, so a new expert is the
-base model exactly. A `LoRAExpert` is the saved artefact: the factors keyed by HF parameter
+base model exactly.
+
+A wrapper of ours, the pattern of svf.SVFLinear, rather than qwix's LoraProvider: qwix creates
+A and B lazily by intercepting the first dot_general a module runs, and draws dropout from
+nnx.Rngs state held in the model, while every program here rebuilds the modules from a params
+dict (llama.build, split outside, merged inside) and a run's randomness must be a function of
+its key and step for exact resume. A `LoRAExpert` is the saved artefact: the factors keyed by HF parameter
 name plus what ties them to one model, written as PEFT names them (adapter_model.safetensors
 with `base_model.model.<name>.lora_A.weight` [r, n] and `lora_B.weight` [m, r], and an
 adapter_config.json) beside t2jax's expert.json.
