@@ -150,6 +150,19 @@ def test_default_model_export_matches_t2jax_and_tokenizer(default_model, tmp_pat
     with open(os.path.join(out, "generation_config.json")) as f:
       assert f"{json.load(f)['eos_token_id']}" in {str(i) for i in (model.eos_ids[0],
                                                                     list(model.eos_ids))}
+    # a mixture and a LoRA expert (B drawn, so it is not the base model), each replacing it
+    other = _perturbed(t2jax.Expert.init(model, targets=r"self_attn/q_proj"), seed=6)
+    mix = export.mixture({"a": expert, "b": other}, [0.6, 0.4])
+    fresh = t2jax.LoRAExpert.init(model, targets=r"self_attn/q_proj", rank=4)
+    rng = np.random.default_rng(8)
+    lora_expert = dataclasses.replace(fresh, factors={
+        k: {"a": f["a"], "b": (0.05 * rng.standard_normal(f["b"].shape)).astype(np.float32)}
+        for k, f in fresh.factors.items()})
+    for e in (mix, lora_expert):
+      export.export(model, e, out, force=True)
+      want = np.asarray(model.logits(ids, e))
+      assert _max_diff(want, model.logits(ids)) > 1e-2
+      assert _max_diff(_hf_logits(out, ids), want) <= 1e-3
   finally:
     shutil.rmtree(out)  # ~0.5 GB of float32 weights
 
