@@ -20,9 +20,9 @@ def get_config():
   c = math_config.get_config()  # task, sizes and evaluation as the SVF expert's
   c.adapter = "lora"
   c.objective = "sft"
-  c.steps = 120
+  c.steps = 60  # the per-token NLL fell from 1.4 to ~0.4 in 15 steps of a 120-step try
   c.lr = 2e-4
   c.schedule = "cosine"
-  c.warmup_steps = 10
+  c.warmup_steps = 5
   c.eval_every = 20
   return c
