@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2jax import atomic
+from t2jax import atomic, svf
 from t2jax.models import llama
 from t2jax.targets import SVFError, hf_module_name, resolve, targeted, tree_from_hf
 
@@ -101,10 +101,6 @@ class LoRALinear(nnx.Module):
     return y + self.bias[...] if self.bias is not None else y
 
 
-def _per_layer(tree) -> list:
-  return [tree] if llama.is_stacked(tree) else list(tree)
-
-
 def apply(model: llama.Llama, factors, *, scale: float, dropout: float = 0.0,
           key: jax.Array | None = None) -> llama.Llama:
   """Swaps (in place; returned) every Linear the factors tree names for a LoRALinear.
@@ -114,8 +110,8 @@ def apply(model: llama.Llama, factors, *, scale: float, dropout: float = 0.0,
   if model.scanned != llama.is_stacked(factors):
     raise SVFError("a scanned model needs LoRA factors stacked over layers, an unrolled one a "
                    "list per layer.")
-  layers = _per_layer(model.layers if model.scanned else list(model.layers))
-  f_layers = _per_layer(factors)
+  layers = svf.per_layer(model.layers if model.scanned else list(model.layers))
+  f_layers = svf.per_layer(factors)
   if len(f_layers) != len(layers):
     raise SVFError(f"LoRA factors cover {len(f_layers)} layers; the model has {len(layers)}.")
   if key is not None and not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -157,18 +153,14 @@ class Adapters:
 def materialise(params: dict, factors, *, scale: float) -> dict:
   """params with every targeted kernel replaced by K + scale·A B (in the kernel's dtype).
   Pure and differentiable in the factors; params are never differentiated."""
-  layers = []
-  for p_layer, f_layer in zip(_per_layer(params["layers"]), _per_layer(factors)):
-    p_layer = dict(p_layer)
-    for block, names in f_layer.items():
-      p_layer[block] = dict(p_layer[block])
-      for name, f in names.items():
-        k = jax.lax.stop_gradient(p_layer[block][name]["kernel"])
-        delta = scale * jnp.matmul(f["a"].astype(jnp.float32), f["b"].astype(jnp.float32))
-        p_layer[block][name] = {**p_layer[block][name],
-                                "kernel": (k.astype(jnp.float32) + delta).astype(k.dtype)}
-    layers.append(p_layer)
-  return {**params, "layers": layers[0] if llama.is_stacked(params["layers"]) else layers}
+  def merged(k, f):
+    k = jax.lax.stop_gradient(k)
+    delta = scale * jnp.matmul(f["a"].astype(jnp.float32), f["b"].astype(jnp.float32))
+    return (k.astype(jnp.float32) + delta).astype(k.dtype)
+
+  # kernels is a prefix of factors: each kernel meets its {"a", "b"}
+  return svf.with_kernels(params, jax.tree.map(merged, svf.targeted_kernels(params, factors),
+                                               factors))
 
 
 materialise_jit = jax.jit(materialise, static_argnames=("scale",))

@@ -290,11 +290,11 @@ def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = 
   if model.scanned != llama.is_stacked(factors):
     raise SVFError("a scanned model needs factors stacked over layers (svf.stack_layers), an "
                    "unrolled one a list per layer.")
-  layers = _per_layer(model.layers if model.scanned else list(model.layers))
-  if len(_per_layer(factors)) != len(layers):
+  layers = per_layer(model.layers if model.scanned else list(model.layers))
+  if len(per_layer(factors)) != len(layers):
     raise SVFError(f"factors cover {len(factors)} layers; the model has {len(layers)}.")
-  z_layers = _per_layer(z) if z is not None else None
-  for i, (layer, f_layer) in enumerate(zip(layers, _per_layer(factors))):
+  z_layers = per_layer(z) if z is not None else None
+  for i, (layer, f_layer) in enumerate(zip(layers, per_layer(factors))):
     for block, names in f_layer.items():
       parent = getattr(layer, block)
       for name, f in names.items():
@@ -309,7 +309,7 @@ def apply(model: llama.Llama, *, targets: str | None = None, rank: int | None = 
   return model
 
 
-def _per_layer(tree) -> list:
+def per_layer(tree) -> list:
   """A per-layer list (params["layers"], factors, z) as a list; a stacked tree as a list of
   one whose leaves carry the layer axis."""
   return [tree] if llama.is_stacked(tree) else list(tree)
@@ -337,7 +337,7 @@ def unstack_layers(tree) -> list:
 def svf_modules(model: llama.Llama):
   """(layer, block, name, parent, SVFLinear) of every swapped projection, in layer order
   (a scanned model: one entry per matrix, layer 0, its variables stacked over layers)."""
-  for i, layer in enumerate(_per_layer(model.layers if model.scanned else list(model.layers))):
+  for i, layer in enumerate(per_layer(model.layers if model.scanned else list(model.layers))):
     for block, names in (("self_attn", llama.ATTN_PROJ), ("mlp", llama.MLP_PROJ)):
       parent = getattr(layer, block)
       for name in names:
@@ -369,8 +369,8 @@ def materialise(params: dict, factors: list, z_tree: list, *, parametrisation: s
   [r]), each computed by the SVFLinear `apply` would swap in. Pure and differentiable in z;
   params and factors are never differentiated."""
   kernels = []
-  for p_layer, f_layer, z_layer in zip(_per_layer(params["layers"]), _per_layer(factors),
-                                       _per_layer(z_tree)):
+  for p_layer, f_layer, z_layer in zip(per_layer(params["layers"]), per_layer(factors),
+                                       per_layer(z_tree)):
     kernels.append({block: {name: SVFLinear(
         llama.Linear(p_layer[block][name]["kernel"]), f, z_layer[block][name],
         parametrisation=parametrisation, max_mult=max_mult, mode="materialised",
@@ -383,13 +383,13 @@ def targeted_kernels(params: dict, factors: list) -> list:
   return _like(params["layers"], [
       {block: {name: p_layer[block][name]["kernel"] for name in names}
        for block, names in f_layer.items()}
-      for p_layer, f_layer in zip(_per_layer(params["layers"]), _per_layer(factors))])
+      for p_layer, f_layer in zip(per_layer(params["layers"]), per_layer(factors))])
 
 
 def with_kernels(params: dict, kernels: list) -> dict:
   """Params with the targeted kernels replaced (the inverse of targeted_kernels)."""
   layers = []
-  for p_layer, k_layer in zip(_per_layer(params["layers"]), _per_layer(kernels)):
+  for p_layer, k_layer in zip(per_layer(params["layers"]), per_layer(kernels)):
     p_layer = dict(p_layer)
     for block, names in k_layer.items():
       p_layer[block] = {**p_layer[block], **{
