@@ -579,9 +579,15 @@ def report(result: dict) -> str:
                  f"{t['pass2_s']:.2f} s ({100 * t['pass1_fraction']:.1f} % of pass 2)")
   for lab, search in target["few_shot"].items():
     h = search["history"]
-    parts.append(f"- few_shot on {lab}: α {np.round(search['alpha'], 3).tolist()}; score at the "
-                 f"mean {h[0]['score_at_mean']:.3f} (first iteration) → best "
-                 f"{search['best_score']:.3f} after {len(h)} iterations")
+    first, last = h[0], h[-1]
+    line = (f"- few_shot on {lab}: α {np.round(search['alpha'], 3).tolist()}; on the shots, "
+            f"first → last of {len(h)} iterations: score at the mean "
+            f"{first['score_at_mean']:.3f} → {last['score_at_mean']:.3f}, best candidate "
+            f"{first['score_best']:.3f} → {last['score_best']:.3f}")
+    if first.get("loglik_at_mean") is not None and last.get("loglik_at_mean") is not None:
+      line += (f", mean log-likelihood of the references at the mean "
+               f"{first['loglik_at_mean']:.3f} → {last['loglik_at_mean']:.3f}")
+    parts.append(line)
   return "\n".join(parts) + "\n"
 
 
