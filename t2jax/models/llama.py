@@ -171,11 +171,16 @@ class Attention(nnx.Module):
     v = self.v_proj(h_BxTxD).reshape(b, t, n_kv, kd)
     q = rope.apply_rope(q, positions_BxT, inv_freq)
     k = rope.apply_rope(k, positions_BxT, inv_freq)
+    k_new = k.transpose(0, 2, 3, 1).astype(k_cache.dtype)  # [B, KVH, K, T]
+    v_new = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # [B, KVH, T, K]
     zero, at = jnp.zeros((), jnp.int32), jnp.asarray(write_index, jnp.int32)
-    k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (zero, zero, zero, at))
-    v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (zero, zero, at, zero))
+    if at.ndim == 0:  # one slot for the whole (left-padded) batch: the sampler's path
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (zero, zero, zero, at))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (zero, zero, at, zero))
+    else:  # a slot per row [B] (continuous batching: every row at its own length)
+      row = lambda c, x, i, axis: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis)
+      k_cache = jax.vmap(functools.partial(row, axis=2))(k_cache, k_new, at)
+      v_cache = jax.vmap(functools.partial(row, axis=1))(v_cache, v_new, at)
     out = _attention(q, k_cache, v_cache, visible_BxTxS)
     return self.o_proj(out), k_cache, v_cache
 
@@ -252,9 +257,12 @@ class Llama(nnx.Module):
     t = tokens_BxT.shape[1]
     s = cache.slots
     x = self.embed_tokens(tokens_BxT)
-    if visible_BxTxS is None:
+    if visible_BxTxS is None and jnp.ndim(write_index) == 0:
       query_slot_T = write_index + jnp.arange(t)
       visible_BxTxS = (jnp.arange(s)[None, :] <= query_slot_T[:, None])[None]
+    elif visible_BxTxS is None:  # a write slot per row
+      query_slot_BxT = jnp.asarray(write_index)[:, None] + jnp.arange(t)
+      visible_BxTxS = jnp.arange(s)[None, None, :] <= query_slot_BxT[:, :, None]
     # applied to an explicit mask too: a padded key is never visible, whatever the caller built
     visible_BxTxS = visible_BxTxS & key_valid_BxS[:, None]
     rest = (positions_BxT, write_index, visible_BxTxS)
@@ -394,6 +402,10 @@ def forward(
   """Runs the decoder on T new tokens per row and writes their K/V at cache slots
   [write_index, write_index + T). Slot s is visible to the query at slot q iff s <= q and
   key_valid[b, s]. Returns the final-norm hidden states [B, T, D] and the updated cache.
+
+  write_index: a scalar (every row writes at the same slot: left-padded batches), or [B], a
+  slot per row (continuous batching, t2jax.engine: each row at its own length). The scalar
+  path is the same program as before the per-row one existed.
 
   adapters: None for the base model, or modules to swap in (see `build`).
   remat: differentiated, keep only each layer's inputs and recompute the layer in the backward
