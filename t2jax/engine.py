@@ -269,12 +269,23 @@ def _key_data(seed: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-  """The power of two >= max(n, lo), capped at hi: few shapes, so few compiles."""
+def _bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
+  """The first of lo, lo·factor, lo·factor², ... that is >= n, capped at hi."""
   b = lo
   while b < n:
-    b *= 2
+    b *= factor
   return min(b, hi)
+
+
+def admission_shape(batch: int, prompt_len: int, rest_len: int, slots: int,
+                    max_len: int) -> tuple[int, int, int]:
+  """(A, T, R) of the admission program for `batch` requests whose longest prompt has
+  prompt_len tokens and longest pass-1 rest rest_len: the one place that buckets them. Each
+  distinct triple is a compile of the whole prefill, so the buckets are coarse: rows in powers
+  of 4 (a lone request pays for 1 row, a burst for at most 4x its rows), prompt and rest
+  lengths in powers of 2."""
+  return (_bucket(batch, 1, slots, 4), _bucket(prompt_len, 32, max_len),
+          _bucket(rest_len, 16, 1 << 30))
 
 
 @dataclasses.dataclass
@@ -555,6 +566,45 @@ class Engine:
       self.step()
     return handles
 
+  def warmup(self, requests: Sequence[Request]) -> int:
+    """Compiles, before serving, every admission program `requests` can need however they
+    are grouped (each row bucket at each of their prompt and rest length buckets) and the
+    decode step. Returns how many admission programs; the slots stay as they were. Call it
+    before `start`, while no request runs."""
+    if not self.idle():
+      raise RuntimeError("warmup runs the decode step: call it while no request runs.")
+    lengths, rests, kinds = set(), set(), set()
+    for r in requests:
+      self.check(r)
+      _, _, auto, rest = self._mixture(r)
+      _, t, rl = admission_shape(1, len(r.prompt), len(rest or [0]), self.n, self.s)
+      lengths.add(t)
+      rests.add(rl)
+      kinds.add(auto)
+    rows = sorted({admission_shape(b, 1, 1, self.n, self.s)[0] for b in range(1, self.n + 1)})
+    k = len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1
+    width = _key_data(0).shape
+    count = 0
+    for a in rows:
+      for t in sorted(lengths):
+        for rl in sorted(rests if True in kinds else [16]):
+          for pass1 in sorted(kinds):
+            new = Admission(  # every row dropped (slot N): compiles, changes nothing
+                slot=np.full(a, self.n, np.int32), tokens=np.zeros((a, t), np.int32),
+                length=np.ones(a, np.int32), limit=np.ones(a, np.int32),
+                temperature=np.zeros(a, np.float32), top_p=np.ones(a, np.float32),
+                key=np.zeros((a, *width), np.uint32), alpha=np.zeros((a, k), np.float32),
+                on=np.zeros(a, bool), auto=np.full(a, pass1),
+                rest=np.zeros((a, rl), np.int32), rest_mask=np.ones((a, rl), bool))
+            self.slots, *out = admit(self.model.params, self.factors, self.z_stack,
+                                     self.dispatcher if pass1 else None, self.slots, new,
+                                     static=self.static)
+            jax.block_until_ready(out)
+            count += 1
+    self.slots, *out = decode(self.model.params, self.factors, self.slots, static=self.static)
+    jax.block_until_ready(out)
+    return count
+
   def _take(self, n: int) -> list[Handle]:
     """Up to n waiting requests, oldest first; cancelled ones finish here."""
     with self._lock:
@@ -578,8 +628,11 @@ class Engine:
 
   def _rows(self, handles: list[Handle], free: list[int]):
     """The Admission arrays of `handles` (placed in slots `free`), bucketed."""
-    a = _pow2(len(handles), 1, _pow2(self.n, 1, 1 << 30))
-    t = _pow2(max(len(h.request.prompt) for h in handles), 16, self.s)
+    mixtures = [self._mixture(h.request) for h in handles]
+    rests = [m[3] or [self.model.pad_id] for m in mixtures]
+    a, t, rest_len = admission_shape(len(handles), max(len(h.request.prompt) for h in handles),
+                                     max(len(x) for x in rests), self.n, self.s)
+    rests += [[self.model.pad_id]] * (a - len(handles))
     k = max(1, len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1)
     slot = np.full(a, self.n, np.int32)
     tokens = np.full((a, t), self.model.pad_id, np.int32)
@@ -587,17 +640,13 @@ class Engine:
     temperature, top_p = np.zeros(a, np.float32), np.ones(a, np.float32)
     key = np.zeros((a, *_key_data(0).shape), np.uint32)
     alpha, on, auto = np.zeros((a, k), np.float32), np.zeros(a, bool), np.zeros(a, bool)
-    rests = [[self.model.pad_id]] * a
-    for i, (h, j) in enumerate(zip(handles, free)):
+    for i, (h, j, m) in enumerate(zip(handles, free, mixtures)):
       r = h.request
       slot[i], length[i], limit[i] = j, len(r.prompt), r.max_new
       tokens[i, :len(r.prompt)] = r.prompt
       temperature[i], top_p[i] = r.temperature, r.top_p
       key[i] = _key_data(r.seed)
-      alpha[i], on[i], auto[i], rest = self._mixture(r)
-      if rest is not None:
-        rests[i] = rest
-    rest_len = _pow2(max(len(x) for x in rests), 8, 1 << 30)
+      alpha[i], on[i], auto[i], _ = m
     rest, rest_mask = sampling.left_pad(rests, self.model.pad_id, rest_len)
     new = Admission(slot=slot, tokens=tokens, length=length, limit=limit,
                     temperature=temperature, top_p=top_p, key=key, alpha=alpha, on=on,

@@ -152,6 +152,15 @@ def test_few_shot_runs_the_fixed_mixture(model, experts):
   assert [h.tokens for h in handles] == gen.token_ids
 
 
+def test_warmup_compiles_and_leaves_the_slots_as_they_were(model, experts):
+  reqs = [Request(prompt=p, max_new=6, model=m) for p, m in zip(
+      encode_chats(model.tokenizer, [_chat(q) for q in QUESTIONS[:2]]), ["math", BASE])]
+  eng = Engine(model, experts, slots=2, max_len=128)
+  assert eng.warmup(reqs) == 2  # row buckets 1 and 2 (all slots), one length bucket, no pass 1
+  want = Engine(model, experts, slots=2, max_len=128).run(reqs)
+  assert [h.tokens for h in eng.run(reqs)] == [h.tokens for h in want]
+
+
 def test_sampling_is_reproducible_per_seed(model, experts):
   (prompt,) = encode_chats(model.tokenizer, [_chat(QUESTIONS[2])])
   eng = Engine(model, experts, slots=3, max_len=128)
