@@ -654,7 +654,7 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
                       cls_expert: Expert | None = None, alpha=None,
                       matrices: Sequence[str] = (), batch_size: int | None = None,
                       temperature: float = 0.0, seed: int = 0, calibrated: bool = True,
-                      prompt_style: str = "ours"
+                      prompt_style: str = "ours", slots: int | None = None
                       ) -> tuple[Generation, list[dict[str, float]], dict[str, float]]:
   """Pass 1 picks each prompt's expert mixture, pass 2 generates all prompts in ONE
   t2jax.generate call with an expert per row, on the same loaded params.
@@ -664,10 +664,22 @@ def two_pass_generate(model, prompts, experts: dict[str, Expert], *, strategy: s
   names plus "other". few_shot: `alpha` from few_shot_cem over the experts in dict order (pass
   1 is then only the mixing; the search is paid once per task). Returns the generation, each
   row's mixture weights ({} = base model) and the wall time of each pass; each timed pass ends
-  on host data, so the figures include the device work (the first call also compiles)."""
+  on host data, so the figures include the device work (the first call also compiles).
+
+  slots: run on the serving engine instead (t2jax.engine: continuous batching over `slots`
+  decode slots, pass 1 inside each admission program); the timing is then {"wall_s"}."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy {strategy!r} is unknown; use one of {STRATEGIES}.")
   chats = _as_chats(prompts)
+  if slots is not None:
+    from t2jax.engine import Engine  # pylint: disable=import-outside-toplevel
+    longest = max(len(x) for x in encode_chats(model.tokenizer, chats))
+    engine = Engine(model, experts, strategy=strategy, cls_expert=cls_expert, alpha=alpha,
+                    matrices=matrices, threshold=threshold, calibrated=calibrated,
+                    prompt_style=prompt_style, slots=slots,
+                    max_len=longest + max_new_tokens)
+    return engine.two_pass(chats, max_new_tokens=max_new_tokens, temperature=temperature,
+                           seed=seed)
   names = list(experts)
   t0 = time.perf_counter()
   if strategy == "few_shot":

@@ -605,6 +605,23 @@ class Engine:
     jax.block_until_ready(out)
     return count
 
+  def two_pass(self, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+               seed: int = 0):
+    """adapt.two_pass_generate on the engine: user texts or chat-turn lists, model AUTO with
+    the engine's strategy, every row seeded with `seed`. Returns (Generation, each row's
+    mixture, {"wall_s"}): pass 1 runs inside admission, so it has no time of its own."""
+    from t2jax.generation import Generation  # pylint: disable=import-outside-toplevel
+
+    chats = adapt._as_chats(prompts)  # pylint: disable=protected-access
+    t0 = time.perf_counter()
+    handles = self.run([self.chat_request(c, max_new_tokens, temperature=float(temperature),
+                                          seed=int(seed)) for c in chats])
+    tok = self.model.tokenizer
+    gen = Generation(texts=[tok.decode(h.tokens, skip_special_tokens=True) for h in handles],
+                     token_ids=[list(h.tokens) for h in handles],
+                     logprobs=[list(h.logprobs) for h in handles])
+    return gen, [dict(h.mixture) for h in handles], {"wall_s": time.perf_counter() - t0}
+
   def _take(self, n: int) -> list[Handle]:
     """Up to n waiting requests, oldest first; cancelled ones finish here."""
     with self._lock:

@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "evaluation, or one weight per expert in --experts order, e.g. 0.7,0.3")
   two.add_argument("--threshold", type=float, default=0.0, help="max p(label) below this → "
                    "the p-weighted mixture of all experts")
+  two.add_argument("--slots", type=int, default=None, help="run on the serving engine "
+                   "(continuous batching over N decode slots; pass 1 inside admission)")
   return p.parse_args(argv)
 
 
@@ -75,7 +77,7 @@ def _mixture_text(weights: dict) -> str:
 def _two_pass(args, model):
   """(texts, mixtures, timing) of two-pass generation, or None without --experts."""
   if not args.experts:
-    for flag in ("cls_expert", "alpha"):
+    for flag in ("cls_expert", "alpha", "slots"):
       if getattr(args, flag):
         raise ValueError(f"--{flag.replace('_', '-')} needs --experts.")
     return None
@@ -95,7 +97,8 @@ def _two_pass(args, model):
     raise ValueError("two-pass generation classifies chat prompts: drop --no-chat-template.")
   gen, mixtures, timing = adapt.two_pass_generate(
       model, args.prompt, experts, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-      threshold=args.threshold, temperature=args.temperature, seed=args.seed, **kw)
+      threshold=args.threshold, temperature=args.temperature, seed=args.seed,
+      slots=args.slots, **kw)
   return gen, mixtures, timing
 
 
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
       chosen = "" if mixtures is None else f"  [{args.strategy}: {_mixture_text(mixtures[i])}]"
       print(f">>> {prompt}{chosen}\n{text}\n")
-    if timing is not None:
+    if timing is not None and "pass1_s" in timing:
       print(f"[pass 1 {timing['pass1_s']:.2f}s, pass 2 {timing['pass2_s']:.2f}s]",
             file=sys.stderr)
     print(f"[{n_tokens} tokens in {t2 - t1:.1f}s incl. compile; load {t1 - t0:.1f}s]",

@@ -629,6 +629,9 @@ def test_generate_cli_prints_each_prompts_mixture(model, experts, tmp_path, caps
   _, want, _ = adapt.two_pass_generate(model, prompts, experts, strategy="prompt",
                                        max_new_tokens=3)
   assert out["mixtures"] == want and out["strategy"] == "prompt"
+  assert generate_cli.main(argv + ["--slots", "2", "--json"]) == 0  # on the serving engine
+  on_engine = json.loads(capsys.readouterr().out)
+  assert on_engine["mixtures"] == want and on_engine["token_ids"] == out["token_ids"]
   assert generate_cli.main(argv + ["--strategy", "few_shot", "--alpha", "0.25,0.75",
                                    "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["mixtures"] == [{"math": 0.25, "code": 0.75}] * 3

@@ -140,6 +140,11 @@ def test_auto_dispatch_equals_two_pass_generate(model, experts):
   assert [h.mixture for h in handles] == weights
   assert len({tuple(sorted(w)) for w in weights}) > 1  # the dispatch is not one label for all
   assert [h.tokens for h in handles] == gen.token_ids
+  # the offline API on the engine: the same rows, 2 slots for 4 prompts
+  on_engine, weights_e, _ = adapt.two_pass_generate(model, chats, experts, strategy="prompt",
+                                                    max_new_tokens=10, slots=2)
+  assert weights_e == weights and on_engine.token_ids == gen.token_ids
+  assert on_engine.texts == gen.texts
 
 
 def test_few_shot_runs_the_fixed_mixture(model, experts):
