@@ -45,6 +45,11 @@ def prompts(n: int) -> list[str]:
   return [TOPICS[kinds[i % 3]][(i // 3) % 3].format(a=7 + i, b=3 + 2 * i) for i in range(n)]
 
 
+def _log(what: str, **kw) -> None:
+  """Progress on stderr (the JSON comes at the end): a long run shows where it is."""
+  print(json.dumps({"phase": what, **kw}), file=sys.stderr, flush=True)
+
+
 def _pct(xs, q):
   import numpy as np  # pylint: disable=import-outside-toplevel
   return round(float(np.percentile(xs, q)), 4) if xs else None
@@ -165,10 +170,12 @@ def main() -> None:
   t0 = time.perf_counter()
   engine = Engine(model, experts, strategy="prompt", slots=args.slots, max_len=args.max_len)
   setup_s = time.perf_counter() - t0
+  _log("engine", seconds=round(setup_s, 1))
   t0 = time.perf_counter()
   programs = engine.warmup([engine.chat_request([{"role": "user", "content": q}],
                                                 args.new_tokens) for q in questions])
   warm_s = time.perf_counter() - t0
+  _log("warmup", programs=programs, seconds=round(warm_s, 1))
   engine.start()
   srv = serve.make_server(engine, "127.0.0.1", 0, grace_s=1.0)
   sock = socket.socket()
@@ -187,9 +194,11 @@ def main() -> None:
   _load(client, questions[:2], 2, 2, tok)  # the HTTP path once
   conc, wall = _load(client, questions, args.concurrency, args.new_tokens, tok)
   report["concurrent"] = _summary(conc, wall)
+  _log("concurrent", **report["concurrent"])
   if "sequential" not in skip:
     seq, wall = _load(client, questions, 1, args.new_tokens, tok)
     report["sequential"] = _summary(seq, wall)
+    _log("sequential", **report["sequential"])
     report["sequential_equals_concurrent"] = [r["text"] for r in seq] == [r["text"] for r in conc]
     report["concurrent_over_sequential"] = round(
         report["concurrent"]["tokens_per_s"] / report["sequential"]["tokens_per_s"], 3)
@@ -212,6 +221,7 @@ def main() -> None:
     off = [{"tokens": len(tok(t, add_special_tokens=False)["input_ids"]), "latency_s": wall}
            for t in texts]
     report["offline"] = _summary(off, wall)
+    _log("offline", **report["offline"])
     report["offline"].pop("ttft_p50_s"), report["offline"].pop("ttft_p99_s")
     report["offline_equals_concurrent"] = texts == [r["text"] for r in conc]
     report["mixtures_equal_offline"] = mixtures == [r["mixture"] for r in conc]
