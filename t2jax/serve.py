@@ -400,6 +400,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
   p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to "
                  "finish after SIGTERM")
+  p.add_argument("--warmup", action="store_true", help="compile the admission programs of "
+                 "chat prompts up to ~150 tokens and the decode step before serving")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
   return p.parse_args(argv)
@@ -430,6 +432,17 @@ def build_engine(args) -> Engine:
                 slots=args.slots, max_len=args.max_len, max_queue=args.max_queue, **kw)
 
 
+def warmup_requests(engine: Engine) -> list[Request]:
+  """Chat requests whose prompts and pass-1 questions fall in the length buckets of short to
+  medium chat prompts (what --warmup compiles)."""
+  out = []
+  for words in (4, 20, 50, 110):
+    req = engine.chat_request([{"role": "user", "content": " ".join(["word"] * words)}], 1)
+    if len(req.prompt) < engine.s:
+      out.append(req)
+  return out
+
+
 def make_server(engine: Engine, host: str, port: int, grace_s: float):
   """A uvicorn Server over the app; SIGTERM/SIGINT stop the engine admitting at once."""
   import uvicorn  # pylint: disable=import-outside-toplevel
@@ -452,6 +465,11 @@ def main(argv=None) -> int:
   except (ValueError, TypeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.warmup:
+    t0 = time.perf_counter()
+    n = engine.warmup(warmup_requests(engine))
+    print(f"t2jax compiled {n} admission programs in {time.perf_counter() - t0:.0f}s",
+          file=sys.stderr, flush=True)
   engine.start()
   server = make_server(engine, args.host, args.port, args.grace)
   # uvicorn re-raises the signal it stopped on once it has shut down; after a clean shutdown

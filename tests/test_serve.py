@@ -264,7 +264,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(random_chat_model_dir, 
   env = {**os.environ, "T2JAX_CACHE": str(tmp_path / "cache")}
   proc = subprocess.Popen([sys.executable, "-m", "t2jax.serve", "--model", random_chat_model_dir,
                            "--port", str(port), "--slots", "2", "--max-len", "256",
-                           "--grace", "3"], env=env, stderr=subprocess.PIPE, text=True)
+                           "--grace", "3", "--warmup"], env=env,
+                          stderr=open(tmp_path / "stderr.txt", "w"))  # a pipe could fill
   url = f"http://127.0.0.1:{port}"
   try:
     assert _wait(lambda: _healthy(url), 120), "the server did not come up"
