@@ -277,14 +277,14 @@ def _bucket(n: int, lo: int, hi: int, factor: int = 2) -> int:
   return min(b, hi)
 
 
-def admission_shape(batch: int, prompt_len: int, rest_len: int, slots: int,
+def admission_shape(batch: int, prompt_len: int, rest_len: int, rows: int,
                     max_len: int) -> tuple[int, int, int]:
   """(A, T, R) of the admission program for `batch` requests whose longest prompt has
-  prompt_len tokens and longest pass-1 rest rest_len: the one place that buckets them. Each
-  distinct triple is a compile of the whole prefill, so the buckets are coarse: rows in powers
-  of 4 (a lone request pays for 1 row, a burst for at most 4x its rows), prompt and rest
-  lengths in powers of 2."""
-  return (_bucket(batch, 1, slots, 4), _bucket(prompt_len, 32, max_len),
+  prompt_len tokens and longest pass-1 rest rest_len (at most `rows` per program): the one
+  place that buckets them. Each distinct triple is a compile of the whole prefill, so the
+  buckets are coarse: rows in powers of 4 (a lone request pays for 1 row, a burst for at most
+  4x its rows), prompt and rest lengths in powers of 2."""
+  return (_bucket(batch, 1, rows, 4), _bucket(prompt_len, 32, max_len),
           _bucket(rest_len, 16, 1 << 30))
 
 
@@ -363,13 +363,19 @@ class Engine:
   (the classification expert does), "few_shot" (the fixed mixture `alpha`, from
   adapt.few_shot_cem; per-matrix α with `matrices`). threshold, calibrated, prompt_style: as
   adapt.two_pass_generate. max_len: cache slots per row (prompt + new tokens), capped by the
-  model's context. max_queue: waiting requests beyond it are refused (QueueFull)."""
+  model's context. max_queue: waiting requests beyond it are refused (QueueFull).
+  admit_rows: requests prefilled together in one admission program. 1 (the default) keeps a
+  request's arithmetic its own: XLA's CPU matmul rounds a row differently with a different
+  number of rows beside it ([64, D]·W vs [128, D]·W, measured), so with more rows a prompt's
+  cache, and at a near-tie a greedy token, would depend on what was admitted with it. On the
+  CPU a prefill is compute-bound, so one row per program costs little; on an accelerator,
+  raise it."""
 
   def __init__(self, model, experts: dict[str, Expert] | None = None, *,
                strategy: str = "prompt", cls_expert: Expert | None = None, alpha=None,
                matrices: Sequence[str] = (), threshold: float = 0.0, calibrated: bool = True,
                prompt_style: str = "ours", slots: int = 16, max_len: int = 1024,
-               max_queue: int = 256):
+               max_queue: int = 256, admit_rows: int = 1):
     if strategy not in adapt.STRATEGIES:
       raise ValueError(f"strategy {strategy!r} is unknown; use one of {adapt.STRATEGIES}.")
     if slots < 1 or max_len < 2:
@@ -380,6 +386,9 @@ class Engine:
       raise ValueError(f"expert labels {OTHER!r}, {BASE!r} and {AUTO!r} are reserved.")
     self.strategy = strategy
     self.n, self.s = slots, min(max_len, self.cfg.max_length)
+    if not 1 <= admit_rows <= slots:
+      raise ValueError(f"admit_rows must be in [1, slots={slots}]; got {admit_rows}.")
+    self.admit_rows = admit_rows
     self.max_queue = max_queue
     self.names = list(self.experts)
     stack = [self.experts[k] for k in self.names]
@@ -577,11 +586,12 @@ class Engine:
     for r in requests:
       self.check(r)
       _, _, auto, rest = self._mixture(r)
-      _, t, rl = admission_shape(1, len(r.prompt), len(rest or [0]), self.n, self.s)
+      _, t, rl = admission_shape(1, len(r.prompt), len(rest or [0]), self.admit_rows, self.s)
       lengths.add(t)
       rests.add(rl)
       kinds.add(auto)
-    rows = sorted({admission_shape(b, 1, 1, self.n, self.s)[0] for b in range(1, self.n + 1)})
+    rows = sorted({admission_shape(b, 1, 1, self.admit_rows, self.s)[0]
+                   for b in range(1, self.admit_rows + 1)})
     k = len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1
     width = _key_data(0).shape
     count = 0
@@ -648,7 +658,7 @@ class Engine:
     mixtures = [self._mixture(h.request) for h in handles]
     rests = [m[3] or [self.model.pad_id] for m in mixtures]
     a, t, rest_len = admission_shape(len(handles), max(len(h.request.prompt) for h in handles),
-                                     max(len(x) for x in rests), self.n, self.s)
+                                     max(len(x) for x in rests), self.admit_rows, self.s)
     rests += [[self.model.pad_id]] * (a - len(handles))
     k = max(1, len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1)
     slot = np.full(a, self.n, np.int32)
@@ -701,7 +711,14 @@ class Engine:
     return alpha, False, True, prompt[k_prefix:]
 
   def _admit(self) -> bool:
-    free = [i for i, h in enumerate(self._busy) if h is None]
+    """Admits waiting requests into free slots, admit_rows per program."""
+    admitted = False
+    while self._admit_some():
+      admitted = True
+    return admitted
+
+  def _admit_some(self) -> bool:
+    free = [i for i, h in enumerate(self._busy) if h is None][:self.admit_rows]
     handles = self._take(len(free))
     if not handles:
       return False

@@ -398,6 +398,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-len", type=int, default=1024, help="context per slot: prompt + new "
                  "tokens (capped by the model's)")
   p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+  p.add_argument("--admit-rows", type=int, default=1, help="requests prefilled together (1: a "
+                 "request's output never depends on what is admitted with it; raise it on "
+                 "accelerators)")
   p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to "
                  "finish after SIGTERM")
   p.add_argument("--warmup", action="store_true", help="compile the admission programs of "
@@ -429,7 +432,8 @@ def build_engine(args) -> Engine:
       raise ValueError("--strategy few_shot needs --alpha (a file or weights).")
     kw["alpha"], kw["matrices"] = parse_alpha(args.alpha, list(experts))
   return Engine(model, experts or None, strategy=args.strategy, threshold=args.threshold,
-                slots=args.slots, max_len=args.max_len, max_queue=args.max_queue, **kw)
+                slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
+                admit_rows=args.admit_rows, **kw)
 
 
 def warmup_requests(engine: Engine) -> list[Request]:
