@@ -343,6 +343,9 @@ def build_app(engine: Engine):
     except asyncio.CancelledError:
       handle.cancel()
       raise
+    if handle.finish_reason == "error":  # the engine's program failed (it serves on)
+      return fail(path, 500, "generation failed inside the engine; the request can be retried.",
+                  "server_error")
     content = "".join(out)
     usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(handle.tokens),
              "total_tokens": len(req.prompt) + len(handle.tokens)}

@@ -299,3 +299,21 @@ def _healthy(url) -> bool:
     return httpx.get(url + "/health", timeout=2).status_code == 200
   except httpx.HTTPError:
     return False
+
+
+def test_a_failing_program_fails_its_request_and_the_server_goes_on(server, client, monkeypatch):
+  from t2jax import engine as engine_lib  # pylint: disable=import-outside-toplevel
+
+  real, calls = engine_lib.admit, []
+
+  def broken_once(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("injected")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(engine_lib, "admit", broken_once)
+  with pytest.raises(openai.InternalServerError):
+    client.chat.completions.create(model="base", messages=_chat("hi"), max_tokens=2)
+  resp = client.chat.completions.create(model="base", messages=_chat("hi"), max_tokens=2)
+  assert resp.choices[0].finish_reason in ("stop", "length") and len(calls) == 2
