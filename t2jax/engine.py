@@ -281,10 +281,11 @@ def admission_shape(batch: int, prompt_len: int, rest_len: int, rows: int,
                     max_len: int) -> tuple[int, int, int]:
   """(A, T, R) of the admission program for `batch` requests whose longest prompt has
   prompt_len tokens and longest pass-1 rest rest_len (at most `rows` per program): the one
-  place that buckets them. Each distinct triple is a compile of the whole prefill, so the
-  buckets are coarse: rows in powers of 4 (a lone request pays for 1 row, a burst for at most
-  4x its rows), prompt and rest lengths in powers of 2."""
-  return (_bucket(batch, 1, rows, 4), _bucket(prompt_len, 32, max_len),
+  place that buckets them. Each distinct triple is a compile of the whole prefill: rows in
+  powers of 4 (a lone request pays for 1 row, a burst for at most 4x its rows), prompts in
+  the sampler's buckets (sampling.bucket_length: 16s up to 128, where a prefill is cheap to
+  pad wrong), pass-1 rests (a question: cheap) in powers of 2."""
+  return (_bucket(batch, 1, rows, 4), min(sampling.bucket_length(prompt_len), max_len),
           _bucket(rest_len, 16, 1 << 30))
 
 
@@ -582,35 +583,33 @@ class Engine:
     before `start`, while no request runs."""
     if not self.idle():
       raise RuntimeError("warmup runs the decode step: call it while no request runs.")
-    lengths, rests, kinds = set(), set(), set()
+    singles = set()  # (T, R, pass 1) of each request alone
     for r in requests:
       self.check(r)
       _, _, auto, rest = self._mixture(r)
       _, t, rl = admission_shape(1, len(r.prompt), len(rest or [0]), self.admit_rows, self.s)
-      lengths.add(t)
-      rests.add(rl)
-      kinds.add(auto)
-    rows = sorted({admission_shape(b, 1, 1, self.admit_rows, self.s)[0]
-                   for b in range(1, self.admit_rows + 1)})
+      singles.add((t, rl if auto else 16, auto))
+    shapes = {(1, *x) for x in singles}
+    if self.admit_rows > 1:  # grouped: any row bucket with any mix of their lengths
+      rows = {admission_shape(b, 1, 1, self.admit_rows, self.s)[0]
+              for b in range(1, self.admit_rows + 1)}
+      ts, rls, kinds = ({x[i] for x in singles} for i in range(3))
+      shapes = {(a, t, rl, p) for a in rows for t in ts for rl in rls for p in kinds}
     k = len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1
     width = _key_data(0).shape
-    count = 0
-    for a in rows:
-      for t in sorted(lengths):
-        for rl in sorted(rests if True in kinds else [16]):
-          for pass1 in sorted(kinds):
-            new = Admission(  # every row dropped (slot N): compiles, changes nothing
-                slot=np.full(a, self.n, np.int32), tokens=np.zeros((a, t), np.int32),
-                length=np.ones(a, np.int32), limit=np.ones(a, np.int32),
-                temperature=np.zeros(a, np.float32), top_p=np.ones(a, np.float32),
-                key=np.zeros((a, *width), np.uint32), alpha=np.zeros((a, k), np.float32),
-                on=np.zeros(a, bool), auto=np.full(a, pass1),
-                rest=np.zeros((a, rl), np.int32), rest_mask=np.ones((a, rl), bool))
-            self.slots, *out = admit(self.model.params, self.factors, self.z_stack,
-                                     self.dispatcher if pass1 else None, self.slots, new,
-                                     static=self.static)
-            jax.block_until_ready(out)
-            count += 1
+    for a, t, rl, pass1 in sorted(shapes):
+      new = Admission(  # every row dropped (slot N): compiles, changes nothing
+          slot=np.full(a, self.n, np.int32), tokens=np.zeros((a, t), np.int32),
+          length=np.ones(a, np.int32), limit=np.ones(a, np.int32),
+          temperature=np.zeros(a, np.float32), top_p=np.ones(a, np.float32),
+          key=np.zeros((a, *width), np.uint32), alpha=np.zeros((a, k), np.float32),
+          on=np.zeros(a, bool), auto=np.full(a, pass1),
+          rest=np.zeros((a, rl), np.int32), rest_mask=np.ones((a, rl), bool))
+      self.slots, *out = admit(self.model.params, self.factors, self.z_stack,
+                               self.dispatcher if pass1 else None, self.slots, new,
+                               static=self.static)
+      jax.block_until_ready(out)
+    count = len(shapes)
     self.slots, *out = decode(self.model.params, self.factors, self.slots, static=self.static)
     jax.block_until_ready(out)
     return count

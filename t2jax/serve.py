@@ -407,7 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to "
                  "finish after SIGTERM")
   p.add_argument("--warmup", action="store_true", help="compile the admission programs of "
-                 "chat prompts up to ~150 tokens and the decode step before serving")
+                 "chat prompts up to ~150 tokens and the decode step before serving (a few "
+                 "seconds each on the default model)")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
   return p.parse_args(argv)
@@ -443,7 +444,7 @@ def warmup_requests(engine: Engine) -> list[Request]:
   """Chat requests whose prompts and pass-1 questions fall in the length buckets of short to
   medium chat prompts (what --warmup compiles)."""
   out = []
-  for words in (4, 20, 50, 110):
+  for words in range(1, 121, 12):
     req = engine.chat_request([{"role": "user", "content": " ".join(["word"] * words)}], 1)
     if len(req.prompt) < engine.s:
       out.append(req)
