@@ -103,32 +103,36 @@ def _timed(fn, reps: int = 3) -> float:
 
 def pass1_vs_prefill(engine, questions) -> dict:
   """Pass 1 as admission runs it (the label scores and the dispatch) against a plain
-  base-model prefill of the same chat prompt (admission with model "base": the prefill and
-  the first token), each request as admission takes it (admit_rows at a time), each warm,
-  best of 3, summed over the requests."""
+  base-model prefill of the same chat prompts (the sampler's prefill: dense base weights, the
+  first token), each over the requests as admission takes them (admit_rows at a time), each
+  warm, best of 3, summed over the requests."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from t2jax import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from t2jax import sampling  # pylint: disable=import-outside-toplevel
+  from t2jax.models import llama  # pylint: disable=import-outside-toplevel
 
-  step = engine.admit_rows
+  model, step = engine.model, engine.admit_rows
+  graphdef, state = llama.split_params(model.config, model.params)
+  sampler = sampling.Sampler(eos_ids=model.eos_ids)
   pass1_fn = jax.jit(engine_lib._dispatch, static_argnames=("k", "cfg"))  # pylint: disable=protected-access
   total_p1 = total_pf = 0.0
   for i in range(0, len(questions), step):
     reqs = [engine.chat_request([{"role": "user", "content": q}], 1)
             for q in questions[i:i + step]]
     new, _ = engine._rows([engine_lib.Handle(r) for r in reqs], list(range(len(reqs))))  # pylint: disable=protected-access
-    base = dataclasses.replace(new, auto=np.zeros_like(new.auto), on=np.zeros_like(new.on))
+    tokens, mask = sampling.left_pad([r.prompt for r in reqs], model.pad_id)
+    pre, _ = sampling.static_args(graphdef, sampler, tokens.shape[1], 1)
+    limit = np.ones(len(reqs), np.int32)
 
     def pass1(new=new):
       jax.block_until_ready(pass1_fn(engine.dispatcher, new.rest, new.rest_mask,
                                      k=new.alpha.shape[1], cfg=engine.cfg))
 
-    def prefill(base=base):
-      engine.slots, *out = engine_lib.admit(engine.model.params, engine.factors,
-                                            engine.z_stack, None, engine.slots, base,
-                                            static=engine.static)
-      jax.block_until_ready(out)
+    def prefill(tokens=tokens, mask=mask, pre=pre, limit=limit):
+      out = sampling.prefill(state, tokens, mask, limit, 0, jax.random.key(0), **pre)
+      jax.block_until_ready(out.tokens)
 
     total_p1 += _timed(pass1)
     total_pf += _timed(prefill)
