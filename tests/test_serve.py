@@ -317,3 +317,8 @@ def test_a_failing_program_fails_its_request_and_the_server_goes_on(server, clie
     client.chat.completions.create(model="base", messages=_chat("hi"), max_tokens=2)
   resp = client.chat.completions.create(model="base", messages=_chat("hi"), max_tokens=2)
   assert resp.choices[0].finish_reason in ("stop", "length") and len(calls) == 2
+
+
+def test_the_cli_refuses_inconsistent_flags(random_chat_model_dir, capsys):
+  assert serve.main(["--model", random_chat_model_dir, "--alpha", "0.5,0.5"]) == 2
+  assert "--alpha need --experts" in capsys.readouterr().err
