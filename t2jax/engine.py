@@ -18,15 +18,16 @@ Two jitted programs, the host loop only moves requests in and tokens out:
           to the host; only α (for the response) comes back.
   decode  one token for every slot, each row with its own z (factored SVF).
 
-A greedy request gives the same tokens alone or among any others (tests/test_engine.py):
-every per-row computation has the same shapes whoever shares the batch. (Its log-probs agree
-to round-off: beside rows with other experts, 2 of 20 differed by 2e-6 on a test model, the
-state they feed back did not; where in the fused step a neighbour's values reach a row's
-last bits is not pinned down yet.) That is why every query, in the prefill as in decode, attends over its row's whole S
-slots (max_len): a sum over the live rows' longest length rounded up (a power of two) would be
-cheaper for short requests, but measured, a sum over 256 slots whose last 128 are masked does
-not round like the same sum over 128 — a row would depend on its neighbours' lengths. So
-max_len sets the attention cost of every decode step: choose it for the requests served.
+A greedy request gives the same tokens and log-probs, bit for bit, alone or among any others
+(tests/test_engine.py): every per-row computation has the same shapes whoever shares the
+batch. That is why admission prefills one request per program by default (admit_rows; XLA's
+CPU matmul rounds a row of [64, D]·W differently from the same row of [128, D]·W), and why
+every query, in the prefill as in decode, attends over its row's whole S slots (max_len): a
+sum over the live rows' longest length rounded up would be cheaper for short requests, but a
+masked tail does not always round away (measured on a test model: the same keys in 128 and
+256 slots gave equal sums, in 512 slots sums 6e-7 apart), so a row would depend on its
+neighbours' lengths. max_len sets the attention cost of every decode step: choose it for the
+requests served.
 """
 
 from __future__ import annotations
