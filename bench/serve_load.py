@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import os
 import platform
@@ -26,6 +25,8 @@ import socket
 import sys
 import threading
 import time
+
+import bench_experts  # beside this script
 
 TOPICS = {
     "math": ["What is {a} + {b}?", "A box holds {a} apples and {b} pears. How many fruits?",
@@ -158,24 +159,14 @@ def main() -> None:
   args = p.parse_args()
   skip = set(filter(None, args.skip.split(",")))
 
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import openai  # pylint: disable=import-outside-toplevel
 
   import t2jax  # pylint: disable=import-outside-toplevel
-  from t2jax import adapt, adapt_eval, serve  # pylint: disable=import-outside-toplevel
+  from t2jax import adapt, serve  # pylint: disable=import-outside-toplevel
   from t2jax.engine import Engine  # pylint: disable=import-outside-toplevel
 
   model = t2jax.load_model(args.model)
-  dirs = adapt_eval.parse_experts(args.experts) if args.experts else {}
-  rng = np.random.default_rng(0)
-  experts = {}
-  for name in list(dirs) + [n for n in ("math", "code", "reasoning") if n not in dirs]:
-    if name in dirs:
-      experts[name] = t2jax.Expert.load(dirs[name])
-      continue
-    e = t2jax.Expert.init(model, name=name)
-    experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
-        v.shape))).astype(np.float32) for k, v in e.z.items()})
+  experts, sources = bench_experts.load_or_draw(model, args.experts)
   questions = prompts(args.requests)
   t0 = time.perf_counter()
   engine = Engine(model, experts, strategy="prompt", slots=args.slots, max_len=args.max_len,
@@ -198,7 +189,7 @@ def main() -> None:
                          api_key="unused", max_retries=0, timeout=3600)
   tok = model.tokenizer
   report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "requests": args.requests, "concurrency": args.concurrency, "slots": args.slots,
+            "experts": sources, "requests": args.requests, "concurrency": args.concurrency, "slots": args.slots,
             "new_tokens": args.new_tokens, "max_len": engine.s, "admit_rows": engine.admit_rows,
             "engine_setup_s": round(setup_s, 2), "warmup_programs": programs,
             "warmup_s": round(warm_s, 2)}

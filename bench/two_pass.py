@@ -18,10 +18,11 @@ ratio where generation dominates. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
+
+import bench_experts  # beside this script
 
 
 def main() -> None:
@@ -45,16 +46,7 @@ def main() -> None:
   from t2jax.tasks import make_task  # pylint: disable=import-outside-toplevel
 
   model = t2jax.load_model()
-  dirs = adapt_eval.parse_experts(args.experts) if args.experts else {}
-  rng = np.random.default_rng(0)
-  experts = {}
-  for name in list(dirs) + [n for n in ("math", "code", "reasoning") if n not in dirs]:
-    if name in dirs:
-      experts[name] = t2jax.Expert.load(dirs[name])
-      continue
-    e = t2jax.Expert.init(model, name=name)  # not given: z drawn around the identity
-    experts[name] = dataclasses.replace(e, z={k: (v * (1 + 0.05 * rng.standard_normal(
-        v.shape))).astype(np.float32) for k, v in e.z.items()})
+  experts, sources = bench_experts.load_or_draw(model, args.experts)
   adapt_cfg = config_module(  # the math suite as configs/adapt.py sets it
       os.path.join(os.path.dirname(__file__), "..", "configs", "adapt.py")).get_config(args.suite)
   task = make_task("math", adapt_cfg.task_args["math"].to_dict())
@@ -77,7 +69,7 @@ def main() -> None:
         "dispatch": {lab: sum(adapt_eval.chosen_label(w) == lab for w in weights)
                      for lab in list(experts) + ["other"]}}
   print(json.dumps({"suite": args.suite or "direct", "prompts": len(chats),
-                    "experts": {n: dirs.get(n, "random") for n in experts},
+                    "experts": sources,
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus", "runs": runs},
                    indent=1))
 

@@ -827,7 +827,8 @@ class Engine:
     return self._closed
 
   def stop_admitting(self) -> None:
-    """New requests are refused (QueueFull) and waiting ones cancelled; running ones go on."""
+    """New requests are refused (ShuttingDown: HTTP 503) and waiting ones cancelled; running
+    ones go on."""
     with self._lock:
       self._closed = True
       while True:

@@ -192,6 +192,22 @@ def random_chat_model(random_chat_model_dir):
   return t2jax.load_model(random_chat_model_dir)
 
 
+def perturbed_expert(model, scale: float, seed: int, name: str):
+  """An SVF expert whose z is the identity's times (1 + scale·N(0, 1)): far enough from the base
+  model that mixtures and dispatch change the output of a random test model."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  import t2jax  # pylint: disable=import-outside-toplevel
+
+  base = t2jax.Expert.init(model, name=name)
+  rng = np.random.default_rng(seed)
+  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
+       for k, v in base.z.items()}
+  return dataclasses.replace(base, z=z)
+
+
 def tiny_config(model_dir: str, **overrides):
   """A training config on `chat_model_dir` small enough for a test: 4 steps of 2 prompts."""
   from t2jax import config_defaults  # pylint: disable=import-outside-toplevel

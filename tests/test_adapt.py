@@ -21,6 +21,8 @@ from t2jax.tasks.cls import Classification, classification_messages, extract_lab
 from t2jax.tasks.math import Arithmetic
 from t2jax.tokenizer import encode_chats
 
+from conftest import perturbed_expert
+
 
 LABELS = ["math", "code", "reasoning", "other"]  # "reasoning}" is 3 tokens, the others 2
 QUESTIONS = ["What is 3 + 4?",
@@ -39,17 +41,10 @@ def model(random_chat_model_dir):
   return t2jax.load_model(random_chat_model_dir)
 
 
-def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:
-  base = t2jax.Expert.init(model, name=name)
-  rng = np.random.default_rng(seed)
-  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
-       for k, v in base.z.items()}
-  return dataclasses.replace(base, z=z)
-
-
 @pytest.fixture(scope="module")
 def experts(model):
-  return {"math": _expert(model, 0.8, 1, "math"), "code": _expert(model, 0.8, 2, "code")}
+  return {"math": perturbed_expert(model, 0.8, 1, "math"),
+          "code": perturbed_expert(model, 0.8, 2, "code")}
 
 
 def _reference_probs(model, questions, labels, expert=None, style="ours") -> np.ndarray:

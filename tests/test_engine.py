@@ -3,7 +3,6 @@ against the same row run with other requests in other slots."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,8 @@ from t2jax import adapt, engine as engine_lib
 from t2jax.engine import AUTO, BASE, Engine, Request, RequestError
 from t2jax.models import llama
 from t2jax.tokenizer import encode_chats
+
+from conftest import perturbed_expert
 
 QUESTIONS = ["What is 3 + 4?",
              "Write a Python function that returns the sum of a list of integers, or 0.",
@@ -32,17 +33,10 @@ def model(random_chat_model_dir):
   return t2jax.load_model(random_chat_model_dir)
 
 
-def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:
-  base = t2jax.Expert.init(model, name=name)
-  rng = np.random.default_rng(seed)
-  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
-       for k, v in base.z.items()}
-  return dataclasses.replace(base, z=z)
-
-
 @pytest.fixture(scope="module")
 def experts(model):
-  return {"math": _expert(model, 0.8, 1, "math"), "code": _expert(model, 0.8, 2, "code")}
+  return {"math": perturbed_expert(model, 0.8, 1, "math"),
+          "code": perturbed_expert(model, 0.8, 2, "code")}
 
 
 def _chat(q):

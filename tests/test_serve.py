@@ -5,7 +5,6 @@ bad input gets its status and an OpenAI-style error naming the field, and the se
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -26,6 +24,8 @@ pytest.importorskip("uvicorn")
 import t2jax  # noqa: E402  pylint: disable=wrong-import-position
 from t2jax import adapt, serve  # noqa: E402  pylint: disable=wrong-import-position
 from t2jax.engine import Engine  # noqa: E402  pylint: disable=wrong-import-position
+
+from conftest import perturbed_expert  # noqa: E402  pylint: disable=wrong-import-position
 
 QUESTIONS = ["What is 3 + 4?",
              "Write a Python function that returns the sum of a list of integers, or 0.",
@@ -41,17 +41,10 @@ def model(random_chat_model_dir):
   return t2jax.load_model(random_chat_model_dir)
 
 
-def _expert(model, scale: float, seed: int, name: str) -> t2jax.Expert:
-  base = t2jax.Expert.init(model, name=name)
-  rng = np.random.default_rng(seed)
-  z = {k: (v * (1 + scale * rng.standard_normal(v.shape))).astype(np.float32)
-       for k, v in base.z.items()}
-  return dataclasses.replace(base, z=z)
-
-
 @pytest.fixture(scope="module")
 def experts(model):
-  return {"math": _expert(model, 0.8, 1, "math"), "code": _expert(model, 0.8, 2, "code")}
+  return {"math": perturbed_expert(model, 0.8, 1, "math"),
+          "code": perturbed_expert(model, 0.8, 2, "code")}
 
 
 def _free_socket() -> socket.socket:
