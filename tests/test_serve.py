@@ -261,7 +261,9 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(random_chat_model_dir, 
                           stderr=open(tmp_path / "stderr.txt", "w"))  # a pipe could fill
   url = f"http://127.0.0.1:{port}"
   try:
-    assert _wait(lambda: _healthy(url), 120), "the server did not come up"
+    up = _wait(lambda: proc.poll() is not None or _healthy(url), 300)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert up and proc.poll() is None, f"the server did not come up:\n{log[-2000:]}"
     body = {"model": "base", "messages": _chat("hi"), "max_tokens": 200, "temperature": 0,
             "stream": True}
     got, streaming = [], threading.Event()
