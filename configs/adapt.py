@@ -104,7 +104,10 @@ def get_config(suite: str = ""):
   c.few_shot.iterations = 6
   c.few_shot.init_std = 0.5
   c.few_shot.per_matrix = False  # one α per expert (False) or per expert per targeted matrix
-  c.few_shot.objective = "accuracy"  # accuracy | reward (ties: log-likelihood of the answer)
+  # accuracy | reward (ties: the log-likelihood of the reference answer, the paper's rule) |
+  # loglik (rank by that log-likelihood alone: no generation per candidate; a signal where a
+  # small model solves no shot)
+  c.few_shot.objective = "accuracy"
   # rows per forward pass of the tie rule's log p(reference): [rows, tokens, vocab] logits
   c.few_shot.loglik_batch_size = 16
   c.mesh = "data:-1,fsdp:1,tensor:1"

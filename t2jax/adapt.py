@@ -42,7 +42,10 @@ from t2jax.tokenizer import encode_chats, encode_prompts
 
 ANSWER_SUFFIX = "}"  # scored after each label: "math" must not win for "mathematics"
 STRATEGIES = ("prompt", "cls_expert", "few_shot")
-OBJECTIVES = ("accuracy", "reward")
+OBJECTIVES = ("accuracy", "reward")  # scored on generated answers
+# few-shot CEM may also rank by the mean log-likelihood of the shots' reference answers alone:
+# no generation per candidate, and a signal where no candidate solves a shot (a small model)
+CEM_OBJECTIVES = OBJECTIVES + ("loglik",)
 
 # ---------------------------------------------------------------------------------------------
 # Pass 1: p(label | prompt), one prefix-shared forward pass.
@@ -518,7 +521,9 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
   once) and, where the task has references (task.reference(record) → text of a correct
   completion, or None), log p(reference | shot) is scored in one forward pass. Candidates rank
   by the objective, ties by the mean log-likelihood (the paper's rule; tie_break=False: off),
-  exact ties by row with the fresh draws first. The best is the population's top; mean and
+  exact ties by row with the fresh draws first. objective "loglik" ranks by that
+  log-likelihood alone: the population is not generated (only the mean and the best, for
+  history's accuracy_at_mean / accuracy_best), for models too weak to solve the shots. The best is the population's top; mean and
   std are refit to the elites. loglik_batch_size: rows per log-likelihood call (None: all
   population × shots rows in one).
 
@@ -539,11 +544,19 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
   if len(shots_prompts) != len(shots_records) or not shots_records:
     raise ValueError(f"{len(shots_prompts)} shot prompts for {len(shots_records)} records; "
                      "give one prompt per record, at least one.")
+  if objective not in CEM_OBJECTIVES:
+    raise ValueError(f"objective {objective!r} is unknown; use one of {CEM_OBJECTIVES}.")
   _check_not_test(task, shots_records)
   matrices = tuple(sorted(experts[0].z)) if per_matrix else ()
   shape = (len(experts), len(matrices)) if per_matrix else (len(experts),)
-  references = reference_tokens(model, task, shots_records) if tie_break else []
+  by_loglik = objective == "loglik"
+  references = (reference_tokens(model, task, shots_records) if tie_break or by_loglik
+                else [])
   use_refs = any(r is not None for r in references)
+  if by_loglik and not use_refs:
+    raise ValueError(f"objective 'loglik' ranks by the log-likelihood of reference answers, "
+                     f"and task {getattr(task, 'name', task)!r} has none for these shots; use "
+                     f"'accuracy' or 'reward'.")
   rng = np.random.default_rng(seed)
   mean, std = np.full(shape, 1.0 / len(experts)), np.full(shape, float(init_std))
   best = mean
@@ -554,14 +567,17 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
     if population > 1:
       raw[1] = best
     pop = simplex(raw, axis=1)  # every candidate's columns sum to 1: no rescaled model
-    scores_P, _ = evaluate_population(model, experts, pop, shots_prompts, shots_records, task,
-                                      max_new_tokens=max_new_tokens, objective=objective,
-                                      matrices=matrices)
     loglik_P = np.full(population, np.nan)
     if use_refs:
       loglik_P = _mean_over_refs(reference_loglik(model, experts, pop, shots_prompts,
                                                   references, matrices=matrices,
                                                   batch_size=loglik_batch_size))
+    if by_loglik:
+      scores_P = loglik_P
+    else:
+      scores_P, _ = evaluate_population(model, experts, pop, shots_prompts, shots_records,
+                                        task, max_new_tokens=max_new_tokens,
+                                        objective=objective, matrices=matrices)
     # exact ties left: fresh draws before the mean and the best so far, else a population
     # that ties everywhere (no shot solved, no references) refits onto the mean and stops
     order = rank(scores_P, loglik_P, tie_P=(np.arange(population) - 2) % population)
@@ -574,6 +590,11 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
         "loglik_at_mean": _opt(loglik_P[0]), "loglik_best": _opt(loglik_P[top]),
         "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "alpha_best": best.tolist(),
         "candidates": int(len(_unique_candidates(pop)[0]))})
+    if by_loglik:  # what the ranking did to accuracy: the mean and the best, generated
+      acc_2, _ = evaluate_population(model, experts, pop[[0, top]], shots_prompts,
+                                     shots_records, task, max_new_tokens=max_new_tokens,
+                                     matrices=matrices)
+      history[-1].update(accuracy_at_mean=float(acc_2[0]), accuracy_best=float(acc_2[1]))
     populations.append(pop)
     elite = pop[order[:elites]]
     mean, std = elite.mean(axis=0), elite.std(axis=0)  # the elites' mean stays on the simplex
@@ -600,8 +621,10 @@ def load_alpha(path: str) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
 
 def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
   """The CEM search as a PNG: per iteration the score at the mean, the best so far and the
-  population's mean ± std (left axis), and the best's mean log-likelihood of the references
-  (right axis) when there are references. False (nothing written) without matplotlib."""
+  population's mean ± std (left axis), and on the right axis the best's mean log-likelihood
+  of the references when there are references, or with objective "loglik" (the score is
+  that log-likelihood) the accuracy at the mean and of the best. False (nothing written)
+  without matplotlib."""
   try:
     # pylint: disable=import-outside-toplevel
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -624,13 +647,19 @@ def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
   ax.plot(it, get("score_best"), "s-", label="best")
   ax.set_xlabel("CEM iteration")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_ylabel("score on the shots")
+  by_loglik = "accuracy_at_mean" in history[0]  # objective "loglik": the score is log p
+  ax.set_ylabel("mean log p(reference)" if by_loglik else "score on the shots")
   handles, labels = ax.get_legend_handles_labels()
   loglik = get("loglik_best")
-  if not np.all(np.isnan(loglik)):
+  if by_loglik or not np.all(np.isnan(loglik)):
     ax2 = ax.twinx()
-    ax2.plot(it, loglik, "^--", color="tab:red", label="best: mean log p(reference)")
-    ax2.set_ylabel("mean log p(reference)")
+    if by_loglik:
+      ax2.plot(it, get("accuracy_at_mean"), "^--", color="tab:red", label="accuracy at the mean")
+      ax2.plot(it, get("accuracy_best"), "v--", color="tab:purple", label="accuracy of the best")
+      ax2.set_ylabel("accuracy on the shots")
+    else:
+      ax2.plot(it, loglik, "^--", color="tab:red", label="best: mean log p(reference)")
+      ax2.set_ylabel("mean log p(reference)")
     h2, l2 = ax2.get_legend_handles_labels()
     handles, labels = handles + h2, labels + l2
   ax.legend(handles, labels, fontsize=8, loc="lower right")

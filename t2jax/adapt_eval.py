@@ -419,7 +419,9 @@ def _few_shot(ctx: Context, suite: Suite, fs, workdir: str) -> tuple[dict, dict]
         "seconds": time.perf_counter() - t0})
     ctx.log(f"few_shot search on {suite.label}: best {found.best_score:.3f} on the shots, "
             f"α {np.round(found.alpha, 3).tolist()} ({search['seconds']:.0f} s)")
-  units = int(fs.iterations) * int(fs.population) * int(fs.shots) * suite.max_new_tokens
+  # generated candidates per iteration: the population, or with "loglik" the mean and the best
+  generated = 2 if fs.objective == "loglik" else int(fs.population)
+  units = int(fs.iterations) * generated * int(fs.shots) * suite.max_new_tokens
   ctx.progress(f"target/few_shot_search/{suite.label}", units,
                None if search.get("reused") else search["seconds"])
   adapt.plot_history(os.path.join(workdir, f"few_shot_history_{suite.label}.png"),
@@ -584,7 +586,11 @@ def report(result: dict) -> str:
             f"first → last of {len(h)} iterations: score at the mean "
             f"{first['score_at_mean']:.3f} → {last['score_at_mean']:.3f}, best candidate "
             f"{first['score_best']:.3f} → {last['score_best']:.3f}")
-    if first.get("loglik_at_mean") is not None and last.get("loglik_at_mean") is not None:
+    if "accuracy_at_mean" in first:  # objective "loglik": the score above is log p
+      line += (f"; accuracy at the mean {first['accuracy_at_mean']:.3f} → "
+               f"{last['accuracy_at_mean']:.3f}, of the best {first['accuracy_best']:.3f} → "
+               f"{last['accuracy_best']:.3f}")
+    elif first.get("loglik_at_mean") is not None and last.get("loglik_at_mean") is not None:
       line += (f", mean log-likelihood of the references at the mean "
                f"{first['loglik_at_mean']:.3f} → {last['loglik_at_mean']:.3f}")
     parts.append(line)
@@ -602,6 +608,9 @@ def setup(cfg, workdir: str, log: Callable[[str], None]) -> tuple[Context, list[
   if cfg.dispatch_prompt not in PROMPT_STYLES:
     raise ValueError(f"config.dispatch_prompt {cfg.dispatch_prompt!r} is unknown; use one of "
                      f"{PROMPT_STYLES}.")
+  if "few_shot" in strategies and cfg.few_shot.objective not in adapt.CEM_OBJECTIVES:
+    raise ValueError(f"config.few_shot.objective {cfg.few_shot.objective!r} is unknown; use "
+                     f"one of {adapt.CEM_OBJECTIVES}.")
   if "cls_expert" in strategies and not cfg.cls_expert:
     strategies.remove("cls_expert")  # nothing to score it with: the row is left out
   paths = parse_experts(cfg.experts)

@@ -461,6 +461,40 @@ def test_ties_in_the_objective_follow_the_reference_loglik(model, experts, echo)
   assert flat.history[0]["loglik_best"] is None
 
 
+def test_loglik_objective_ranks_by_the_references_and_generates_only_mean_and_best(
+    model, experts, echo, monkeypatch, tmp_path):
+  task, prompts, shots = echo
+  ref_task = RefTask(splits=task.splits)
+  pair = [experts["math"], experts["code"]]
+  generated = []
+  real = adapt.evaluate_population
+
+  def spy(model_, experts_, alphas, *args, **kwargs):
+    generated.append(len(alphas))
+    return real(model_, experts_, alphas, *args, **kwargs)
+
+  monkeypatch.setattr(adapt, "evaluate_population", spy)
+  result = adapt.few_shot_cem(model, pair, prompts, shots, ref_task, max_new_tokens=NEW,
+                              population=8, elites=2, iterations=3, init_std=1.0, seed=1,
+                              objective="loglik")
+  assert generated == [2, 2, 2]  # the mean and the best per iteration, never the population
+  for h in result.history:
+    assert h["score_at_mean"] == h["loglik_at_mean"] and h["score_best"] == h["loglik_best"]
+    assert h["accuracy_at_mean"] == 0.0 and h["accuracy_best"] == 0.0  # RefTask: never solved
+  first, last = result.history[0], result.history[-1]
+  assert last["score_at_mean"] > first["score_at_mean"]  # the mean moved up the likelihood
+  assert [h["score_best"] for h in result.history] == sorted(h["score_best"]
+                                                             for h in result.history)
+  assert result.alpha[0] > 0.5  # the references are the math expert's own greedy answers
+  assert adapt.plot_history(str(tmp_path / "cem.png"), result.history)
+  with pytest.raises(ValueError, match="has none for these shots"):  # no references
+    adapt.few_shot_cem(model, pair, prompts, shots, task, max_new_tokens=NEW, population=4,
+                       elites=2, iterations=1, objective="loglik")
+  with pytest.raises(ValueError, match="objective 'likelihood' is unknown"):
+    adapt.few_shot_cem(model, pair, prompts, shots, task, max_new_tokens=NEW, population=4,
+                       elites=2, iterations=1, objective="likelihood")
+
+
 def test_few_shot_per_matrix_alpha(model, experts, echo):
   task, prompts, shots = echo
   pair = [experts["math"], experts["code"]]
