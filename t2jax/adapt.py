@@ -523,9 +523,9 @@ def few_shot_cem(model, experts: Sequence[Expert], shots_prompts, shots_records,
   by the objective, ties by the mean log-likelihood (the paper's rule; tie_break=False: off),
   exact ties by row with the fresh draws first. objective "loglik" ranks by that
   log-likelihood alone: the population is not generated (only the mean and the best, for
-  history's accuracy_at_mean / accuracy_best), for models too weak to solve the shots. The best is the population's top; mean and
-  std are refit to the elites. loglik_batch_size: rows per log-likelihood call (None: all
-  population × shots rows in one).
+  history's accuracy_at_mean / accuracy_best), for models too weak to solve the shots. The
+  best is the population's top; mean and std are refit to the elites. loglik_batch_size: rows
+  per log-likelihood call (None: all population × shots rows in one).
 
   Shots: token-id prompts (or strings) and their records, from the target task's train or val
   split (see few_shot_records); records of the test split are refused.
