@@ -408,7 +408,7 @@ def _experts_from_args(args):
     return expert_lib.load_any(args.expert), None
   from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
   # generate's reading of --alpha, so both commands take the same files and weights
-  from t2jax.generate import parse_alpha  # pylint: disable=import-outside-toplevel
+  from t2jax.two_pass_cli import parse_alpha  # pylint: disable=import-outside-toplevel
 
   if not args.alpha:
     raise ExportError("--experts needs --alpha (a file from the few-shot evaluation, or "

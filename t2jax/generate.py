@@ -17,6 +17,8 @@ import json
 import sys
 import time
 
+from t2jax.two_pass_cli import add_two_pass_args, load_two_pass, mixture_text
+
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m t2jax.generate", description=__doc__.split("\n")[0])
@@ -33,66 +35,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-chat-template", action="store_true",
                  help="feed prompts as raw text instead of a user chat turn")
   p.add_argument("--json", action="store_true", help="print one JSON object")
-  two = p.add_argument_group("two-pass adaptation (all prompts in one batch per pass)")
-  two.add_argument("--experts", default=None, help="LABEL=DIR,... experts saved by t2jax.train")
-  two.add_argument("--strategy", default="prompt", choices=("prompt", "cls_expert", "few_shot"))
-  two.add_argument("--cls-expert", default=None, help="classification expert dir (cls_expert)")
-  two.add_argument("--alpha", default=None, help="few_shot: a JSON file written by the adapt "
-                   "evaluation, or one weight per expert in --experts order, e.g. 0.7,0.3")
-  two.add_argument("--threshold", type=float, default=0.0, help="max p(label) below this → "
-                   "the p-weighted mixture of all experts")
+  two = add_two_pass_args(
+      p.add_argument_group("two-pass adaptation (all prompts in one batch per pass)"))
   two.add_argument("--slots", type=int, default=None, help="run on the serving engine "
                    "(continuous batching over N decode slots; pass 1 inside admission)")
   return p.parse_args(argv)
 
 
-def parse_alpha(spec: str, names: list[str]):
-  """--alpha as a file from adapt.save_alpha (its experts must be --experts, in order) or as
-  comma-separated weights; returns (alpha, matrices)."""
-  import os  # pylint: disable=import-outside-toplevel
-
-  from t2jax import adapt  # pylint: disable=import-outside-toplevel
-  if os.path.isfile(spec):
-    alpha, saved, matrices = adapt.load_alpha(spec)
-    if saved != names:
-      raise ValueError(f"--alpha {spec} weights experts {saved}; --experts gives {names} (same "
-                       "labels in the same order).")
-    return alpha, matrices
-  try:
-    alpha = [float(x) for x in spec.split(",")]
-  except ValueError:
-    raise ValueError(f"--alpha {spec!r} is neither a file nor comma-separated numbers.") from None
-  if len(alpha) != len(names):
-    raise ValueError(f"--alpha has {len(alpha)} weights for {len(names)} experts {names}.")
-  return alpha, ()
-
-
-def _mixture_text(weights: dict) -> str:
-  if not weights:
-    return "base model (other)"
-  return " + ".join(f"{w:.2f}·{k}" if isinstance(w, float) else f"per-matrix·{k}"
-                    for k, w in weights.items())
-
-
 def _two_pass(args, model):
   """(texts, mixtures, timing) of two-pass generation, or None without --experts."""
-  if not args.experts:
-    for flag in ("cls_expert", "alpha", "slots"):
-      if getattr(args, flag):
-        raise ValueError(f"--{flag.replace('_', '-')} needs --experts.")
+  experts, kw = load_two_pass(args)
+  if not experts:
+    if args.slots:
+      raise ValueError("--slots needs --experts.")
     return None
-  import t2jax  # pylint: disable=import-outside-toplevel
-  from t2jax import adapt, adapt_eval  # pylint: disable=import-outside-toplevel
-  experts = {k: t2jax.Expert.load(v) for k, v in adapt_eval.parse_experts(args.experts).items()}
-  kw = {}
-  if args.strategy == "cls_expert":
-    if not args.cls_expert:
-      raise ValueError("--strategy cls_expert needs --cls-expert DIR.")
-    kw["cls_expert"] = t2jax.Expert.load(args.cls_expert)
-  if args.strategy == "few_shot":
-    if not args.alpha:
-      raise ValueError("--strategy few_shot needs --alpha (a file or weights).")
-    kw["alpha"], kw["matrices"] = parse_alpha(args.alpha, list(experts))
+  from t2jax import adapt  # pylint: disable=import-outside-toplevel
   if args.no_chat_template:
     raise ValueError("two-pass generation classifies chat prompts: drop --no-chat-template.")
   gen, mixtures, timing = adapt.two_pass_generate(
@@ -132,7 +89,7 @@ def main(argv=None) -> int:
                       "load_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3), **extra}))
   else:
     for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
-      chosen = "" if mixtures is None else f"  [{args.strategy}: {_mixture_text(mixtures[i])}]"
+      chosen = "" if mixtures is None else f"  [{args.strategy}: {mixture_text(mixtures[i])}]"
       print(f">>> {prompt}{chosen}\n{text}\n")
     if timing is not None and "pass1_s" in timing:
       print(f"[pass 1 {timing['pass1_s']:.2f}s, pass 2 {timing['pass2_s']:.2f}s]",

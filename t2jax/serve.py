@@ -30,6 +30,7 @@ from typing import Any
 
 from t2jax import engine as engine_lib
 from t2jax.engine import AUTO, Engine, Request, RequestError
+from t2jax.two_pass_cli import add_two_pass_args, load_two_pass
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
@@ -390,13 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", default=None,
                  help="HF checkpoint dir, .gguf file, or smollm2-135m-instruct (default)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--experts", default=None, help="LABEL=DIR,... experts saved by t2jax.train")
-  p.add_argument("--strategy", default="prompt", choices=("prompt", "cls_expert", "few_shot"))
-  p.add_argument("--cls-expert", default=None, help="classification expert dir (cls_expert)")
-  p.add_argument("--alpha", default=None, help="few_shot: a JSON file written by the adapt "
-                 "evaluation, or one weight per expert in --experts order, e.g. 0.7,0.3")
-  p.add_argument("--threshold", type=float, default=0.0, help="max p(label) below this → the "
-                 "p-weighted mixture of all experts")
+  add_two_pass_args(p)
   p.add_argument("--slots", type=int, default=16, help="requests decoded together")
   p.add_argument("--max-len", type=int, default=1024, help="context per slot: prompt + new "
                  "tokens (capped by the model's)")
@@ -418,23 +413,9 @@ def build_engine(args) -> Engine:
   """The engine the CLI flags describe (the model and experts loaded)."""
   # pylint: disable=import-outside-toplevel
   import t2jax
-  from t2jax import adapt_eval
-  from t2jax.generate import parse_alpha
 
+  experts, kw = load_two_pass(args)  # first: a bad flag fails before the model loads
   model = t2jax.load_model(args.model, dtype=args.dtype)
-  experts, kw = {}, {}
-  if args.experts:
-    experts = {k: t2jax.Expert.load(v) for k, v in adapt_eval.parse_experts(args.experts).items()}
-  elif args.cls_expert or args.alpha:
-    raise ValueError("--cls-expert and --alpha need --experts.")
-  if experts and args.strategy == "cls_expert":
-    if not args.cls_expert:
-      raise ValueError("--strategy cls_expert needs --cls-expert DIR.")
-    kw["cls_expert"] = t2jax.Expert.load(args.cls_expert)
-  if experts and args.strategy == "few_shot":
-    if not args.alpha:
-      raise ValueError("--strategy few_shot needs --alpha (a file or weights).")
-    kw["alpha"], kw["matrices"] = parse_alpha(args.alpha, list(experts))
   return Engine(model, experts or None, strategy=args.strategy, threshold=args.threshold,
                 slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
                 admit_rows=args.admit_rows, **kw)

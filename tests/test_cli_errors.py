@@ -33,6 +33,8 @@ CASES = [
      "not a readable GGUF file"),
     ("train", "--config configs/math.py --no_such_flag=1", "Unknown command line flag"),
     ("generate", "--model {bad}/missing --prompt hi", "does not exist"),
+    ("serve", "--experts math={bad} --strategy cls_expert", "needs --cls-expert DIR"),
+    ("serve", "--experts math={bad}/none", "none is not an expert directory"),
     ("evaluate", "--config configs/adapt.py", "needs --workdir"),
     ("evaluate", "--config {bad}/missing.py", "No such file or directory"),
     ("compile", "--config {bad}/raises.py", "ValueError: boom"),

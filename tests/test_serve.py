@@ -316,4 +316,4 @@ def test_a_failing_program_fails_its_request_and_the_server_goes_on(server, clie
 
 def test_the_cli_refuses_inconsistent_flags(random_chat_model_dir, capsys):
   assert serve.main(["--model", random_chat_model_dir, "--alpha", "0.5,0.5"]) == 2
-  assert "--alpha need --experts" in capsys.readouterr().err
+  assert "--alpha needs --experts" in capsys.readouterr().err
