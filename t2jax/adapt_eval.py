@@ -389,6 +389,16 @@ def own_task_table(ctx: Context, suites: Sequence[Suite]) -> dict:
   return out
 
 
+def search_units(fs, max_new_tokens: int) -> int:
+  """Work units (rows × new tokens) of a few-shot search, for reproduce's estimate: per
+  iteration the population generates on every shot, or with objective "loglik" the mean and
+  the best do (each candidate's log p(reference) counted as one unit per shot)."""
+  population, shots = int(fs.population), int(fs.shots)
+  if fs.objective == "loglik":
+    return int(fs.iterations) * shots * (2 * max_new_tokens + population)
+  return int(fs.iterations) * population * shots * max_new_tokens
+
+
 def _few_shot(ctx: Context, suite: Suite, fs, workdir: str) -> tuple[dict, dict]:
   """CEM over α on shots of the suite's task (train/val, never test), then the suite scored
   with the mixture found. The search is saved (few_shot_alpha_<label>.json, its history
@@ -419,10 +429,7 @@ def _few_shot(ctx: Context, suite: Suite, fs, workdir: str) -> tuple[dict, dict]
         "seconds": time.perf_counter() - t0})
     ctx.log(f"few_shot search on {suite.label}: best {found.best_score:.3f} on the shots, "
             f"α {np.round(found.alpha, 3).tolist()} ({search['seconds']:.0f} s)")
-  # generated candidates per iteration: the population, or with "loglik" the mean and the best
-  generated = 2 if fs.objective == "loglik" else int(fs.population)
-  units = int(fs.iterations) * generated * int(fs.shots) * suite.max_new_tokens
-  ctx.progress(f"target/few_shot_search/{suite.label}", units,
+  ctx.progress(f"target/few_shot_search/{suite.label}", search_units(fs, suite.max_new_tokens),
                None if search.get("reused") else search["seconds"])
   adapt.plot_history(os.path.join(workdir, f"few_shot_history_{suite.label}.png"),
                      search["history"])
@@ -500,6 +507,11 @@ def target_table(ctx: Context, suites: Sequence[Suite], strategies: Sequence[str
                         for lab, e in by_label.items()}}}
 
 
+def warm_units(batch: int, suite: Suite) -> int:
+  """Work units of warm_timing: the first batch, generated twice."""
+  return 2 * min(batch, len(suite.records)) * suite.max_new_tokens
+
+
 def warm_timing(ctx: Context, suite: Suite, pass1: dict) -> dict:
   """Pass 1 vs pass 2 of the prompt strategy with warm compiles, on the suite's first batch:
   run once to compile, then timed. Kept as a cell like the scores (a resumed run may not have
@@ -509,12 +521,17 @@ def warm_timing(ctx: Context, suite: Suite, pass1: dict) -> dict:
            "experts": {n: expert_id(e) for n, e in ctx.experts.items()}}
   key = Cells.key({"suite": suite.settings, **parts})
   cell = ctx.cells.get("target", "warm_prompt", suite.label, key)
-  if cell is None:
+  fresh = cell is None
+  if fresh:
+    t0 = time.perf_counter()
     for _ in range(2):
       texts, _, t = two_pass_rows(ctx.model, head, ctx.experts, ctx.batch, strategy="prompt",
                                   **pass1)
     cell = ctx.cells.put("target", "warm_prompt", suite.label, key, {
-        **t, "pass1_fraction": t["pass1_s"] / t["pass2_s"], "rows": len(texts)})
+        **t, "pass1_fraction": t["pass1_s"] / t["pass2_s"], "rows": len(texts),
+        "seconds": time.perf_counter() - t0})
+  ctx.progress(f"target/warm_prompt/{suite.label}", warm_units(ctx.batch, suite),
+               cell.get("seconds") if fresh else None)
   return {k: cell[k] for k in ("pass1_s", "pass2_s", "pass1_fraction", "rows")}
 
 

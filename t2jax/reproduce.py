@@ -222,17 +222,17 @@ def eval_units(cfg, own: Sequence[adapt_eval.Suite], target: Sequence[adapt_eval
   row is scored on its label's own and target task."""
   strategies = [s.strip() for s in cfg.strategies.split(",") if s.strip()]
   rows = (("base" in strategies) + experts * ("experts" in strategies)
-          + ("prompt" in strategies) * 2 + ("cls_expert" in strategies)
+          + ("prompt" in strategies) + ("cls_expert" in strategies)
           + ("few_shot" in strategies))
-  fs = cfg.few_shot
-  search = int(fs.iterations) * int(fs.population) * int(fs.shots)
   units = sum(2 * len(s.records) * s.max_new_tokens for s in own)
   units += sum(len(s.records) * s.max_new_tokens for s in [*own, *target]
                for label in baseline_labels if s.label == label)
   for s in target:
     units += rows * len(s.records) * s.max_new_tokens
+    if "prompt" in strategies:
+      units += adapt_eval.warm_units(int(cfg.eval_batch_size), s)
     if "few_shot" in strategies:
-      units += search * s.max_new_tokens
+      units += adapt_eval.search_units(cfg.few_shot, s.max_new_tokens)
   return units
 
 

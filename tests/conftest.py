@@ -192,6 +192,29 @@ def random_chat_model(random_chat_model_dir):
   return t2jax.load_model(random_chat_model_dir)
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+  """T2JAX_CACHE in the test's own folder (modules opt in with pytestmark): nothing is read
+  from or left in a shared compile cache."""
+  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model(random_chat_model_dir):
+  """The seed-7 random chat model, loaded afresh for each module: its memo state is the module's
+  own (random_chat_model is the session's shared one)."""
+  import t2jax  # pylint: disable=import-outside-toplevel
+
+  return t2jax.load_model(random_chat_model_dir)
+
+
+@pytest.fixture(scope="module")
+def experts(model):
+  """Two experts far from the base model, so that dispatch and mixtures change the output."""
+  return {"math": perturbed_expert(model, 0.8, 1, "math"),
+          "code": perturbed_expert(model, 0.8, 2, "code")}
+
+
 def perturbed_expert(model, scale: float, seed: int, name: str):
   """An SVF expert whose z is the identity's times (1 + scale·N(0, 1)): far enough from the base
   model that mixtures and dispatch change the output of a random test model."""

@@ -21,7 +21,6 @@ from t2jax.tasks.cls import Classification, classification_messages, extract_lab
 from t2jax.tasks.math import Arithmetic
 from t2jax.tokenizer import encode_chats
 
-from conftest import perturbed_expert
 
 
 LABELS = ["math", "code", "reasoning", "other"]  # "reasoning}" is 3 tokens, the others 2
@@ -30,21 +29,7 @@ QUESTIONS = ["What is 3 + 4?",
              "All birds fly?"]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def model(random_chat_model_dir):
-  """The seed-7 random chat model, loaded afresh: this module's memo state is its own."""
-  return t2jax.load_model(random_chat_model_dir)
-
-
-@pytest.fixture(scope="module")
-def experts(model):
-  return {"math": perturbed_expert(model, 0.8, 1, "math"),
-          "code": perturbed_expert(model, 0.8, 2, "code")}
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _reference_probs(model, questions, labels, expert=None, style="ours") -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -21,15 +22,7 @@ from t2jax.tasks import make_task
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def model(random_chat_model_dir):
-  """The seed-7 random chat model, loaded afresh: this module's memo state is its own."""
-  return t2jax.load_model(random_chat_model_dir)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +227,7 @@ def _tiny_run(chat_model_dir: str, task_args: dict, **overrides) -> dict:
 
 
 def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, capsys):
   import ml_collections  # pylint: disable=import-outside-toplevel
 
   cfg = config_module(os.path.join(CONFIGS, "paper_mini.py")).get_config()
@@ -254,9 +247,12 @@ def test_reproduce_trains_what_is_missing_and_resumes_cells(chat_model_dir, tmp_
   cfg.task_args = {"math": {"level": 1, "system_prompt": "Add."}}
   cfg.max_new_tokens = {"math": 3}
   cfg.eval_size, cfg.eval_batch_size, cfg.own_size = 4, 4, 4
-  cfg.few_shot.update(shots=2, population=2, elites=1, iterations=1)
+  cfg.few_shot.update(shots=2, population=3, elites=1, iterations=1)
   work = str(tmp_path / "paper")
   first = reproduce.reproduce(cfg, work)
+  # the estimate's plan counts exactly the work the cells report (none left at the end)
+  done, planned = re.findall(r"\((\d+)/(\d+) work units\)", capsys.readouterr().out)[-1]
+  assert done == planned
   assert first["own"]["labels"] == ["math"]
   assert set(first["own"]["rows"]) == {"base", "expert", "lora_sft"}
   assert set(first["own"]["paired"]) == {"lora_sft − base", "lora_sft − expert"}

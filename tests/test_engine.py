@@ -15,7 +15,6 @@ from t2jax.engine import AUTO, BASE, Engine, Request, RequestError
 from t2jax.models import llama
 from t2jax.tokenizer import encode_chats
 
-from conftest import perturbed_expert
 
 QUESTIONS = ["What is 3 + 4?",
              "Write a Python function that returns the sum of a list of integers, or 0.",
@@ -23,20 +22,7 @@ QUESTIONS = ["What is 3 + 4?",
              "Name a prime number larger than twenty and explain why it is prime."]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def model(random_chat_model_dir):
-  return t2jax.load_model(random_chat_model_dir)
-
-
-@pytest.fixture(scope="module")
-def experts(model):
-  return {"math": perturbed_expert(model, 0.8, 1, "math"),
-          "code": perturbed_expert(model, 0.8, 2, "code")}
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _chat(q):

@@ -14,9 +14,7 @@ from t2jax.svf import SVFError
 from t2jax.targets import DEFAULT_TARGETS
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 class _Policy(torch.nn.Module):

@@ -25,7 +25,6 @@ import t2jax  # noqa: E402  pylint: disable=wrong-import-position
 from t2jax import adapt, serve  # noqa: E402  pylint: disable=wrong-import-position
 from t2jax.engine import Engine  # noqa: E402  pylint: disable=wrong-import-position
 
-from conftest import perturbed_expert  # noqa: E402  pylint: disable=wrong-import-position
 
 QUESTIONS = ["What is 3 + 4?",
              "Write a Python function that returns the sum of a list of integers, or 0.",
@@ -34,17 +33,6 @@ QUESTIONS = ["What is 3 + 4?",
              "What is 12 times 12?",
              "Sort the list [3, 1, 2] in Python."]
 CONTEXT = 256
-
-
-@pytest.fixture(scope="module")
-def model(random_chat_model_dir):
-  return t2jax.load_model(random_chat_model_dir)
-
-
-@pytest.fixture(scope="module")
-def experts(model):
-  return {"math": perturbed_expert(model, 0.8, 1, "math"),
-          "code": perturbed_expert(model, 0.8, 2, "code")}
 
 
 def _free_socket() -> socket.socket:

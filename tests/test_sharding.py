@@ -9,9 +9,7 @@ import re
 import subprocess
 import sys
 
-import chex
 import jax
-import numpy as np
 import pytest
 
 from jax.sharding import PartitionSpec as P

@@ -23,9 +23,7 @@ from t2jax.svf import SVFError
 ALL_PROJ = r"(self_attn|mlp)/\w+_proj"
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("T2JAX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _ids(model, b=3, t=11, seed=0):
