@@ -599,11 +599,13 @@ def report(result: dict) -> str:
   for lab, search in target["few_shot"].items():
     h = search["history"]
     first, last = h[0], h[-1]
+    by_loglik = "accuracy_at_mean" in first  # objective "loglik": the score is log p
+    score = "mean log p(reference)" if by_loglik else "score"
     line = (f"- few_shot on {lab}: α {np.round(search['alpha'], 3).tolist()}; on the shots, "
-            f"first → last of {len(h)} iterations: score at the mean "
+            f"first → last of {len(h)} iterations: {score} at the mean "
             f"{first['score_at_mean']:.3f} → {last['score_at_mean']:.3f}, best candidate "
             f"{first['score_best']:.3f} → {last['score_best']:.3f}")
-    if "accuracy_at_mean" in first:  # objective "loglik": the score above is log p
+    if by_loglik:
       line += (f"; accuracy at the mean {first['accuracy_at_mean']:.3f} → "
                f"{last['accuracy_at_mean']:.3f}, of the best {first['accuracy_best']:.3f} → "
                f"{last['accuracy_best']:.3f}")
