@@ -407,7 +407,7 @@ def _experts_from_args(args):
       raise ExportError("--alpha weights a mixture: give --experts LABEL=DIR,... with it.")
     return expert_lib.load_any(args.expert), None
   from t2jax import adapt_eval  # pylint: disable=import-outside-toplevel
-  # generate's reading of --alpha, so both commands take the same files and weights
+  # the reading of --alpha that generate and serve use, so all take the same files and weights
   from t2jax.two_pass_cli import parse_alpha  # pylint: disable=import-outside-toplevel
 
   if not args.alpha:
