@@ -42,21 +42,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _two_pass(args, model):
-  """(texts, mixtures, timing) of two-pass generation, or None without --experts."""
+def _two_pass_inputs(args) -> tuple[dict, dict]:
+  """The experts and the strategy's inputs, every two-pass flag checked (before any loading
+  of the model, so a bad flag fails fast)."""
   experts, kw = load_two_pass(args)
-  if not experts:
-    if args.slots:
-      raise ValueError("--slots needs --experts.")
-    return None
-  from t2jax import adapt  # pylint: disable=import-outside-toplevel
-  if args.no_chat_template:
+  if not experts and args.slots:
+    raise ValueError("--slots needs --experts.")
+  if experts and args.no_chat_template:
     raise ValueError("two-pass generation classifies chat prompts: drop --no-chat-template.")
-  gen, mixtures, timing = adapt.two_pass_generate(
+  return experts, kw
+
+
+def _two_pass(args, model, experts: dict, kw: dict):
+  """(texts, mixtures, timing) of two-pass generation."""
+  from t2jax import adapt  # pylint: disable=import-outside-toplevel
+  return adapt.two_pass_generate(
       model, args.prompt, experts, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
       threshold=args.threshold, temperature=args.temperature, seed=args.seed,
       slots=args.slots, **kw)
-  return gen, mixtures, timing
 
 
 def main(argv=None) -> int:
@@ -67,16 +70,16 @@ def main(argv=None) -> int:
 
   try:
     t0 = time.perf_counter()
+    experts, kw = _two_pass_inputs(args)
     model = t2jax.load_model(args.model, dtype=args.dtype)
     t1 = time.perf_counter()
-    two = _two_pass(args, model)
-    if two is None:
+    if not experts:
       out, mixtures, timing = generate(
           model, args.prompt, max_new_tokens=args.max_new_tokens,
           min_new_tokens=args.min_new_tokens, temperature=args.temperature, top_p=args.top_p,
           top_k=args.top_k, seed=args.seed, chat_template=not args.no_chat_template), None, None
     else:
-      out, mixtures, timing = two
+      out, mixtures, timing = _two_pass(args, model, experts, kw)
     t2 = time.perf_counter()
   except (ValueError, TypeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ CASES = [
      "not a readable GGUF file"),
     ("train", "--config configs/math.py --no_such_flag=1", "Unknown command line flag"),
     ("generate", "--model {bad}/missing --prompt hi", "does not exist"),
+    ("generate", "--prompt hi --slots 2", "--slots needs --experts"),
     ("serve", "--experts math={bad} --strategy cls_expert", "needs --cls-expert DIR"),
     ("serve", "--experts math={bad}/none", "none is not an expert directory"),
     ("evaluate", "--config configs/adapt.py", "needs --workdir"),
