@@ -619,6 +619,12 @@ def load_alpha(path: str) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
   return np.asarray(data["alpha"], np.float64), list(data["experts"]), tuple(data["matrices"])
 
 
+def ranked_by_loglik(history: Sequence[dict[str, Any]]) -> bool:
+  """Whether a few_shot_cem history ranked by objective "loglik": its score is then the mean
+  log p(reference), and each iteration records the accuracy beside it."""
+  return "accuracy_at_mean" in history[0]
+
+
 def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
   """The CEM search as a PNG: per iteration the score at the mean, the best so far and the
   population's mean ± std (left axis), and on the right axis the best's mean log-likelihood
@@ -647,7 +653,7 @@ def plot_history(path: str, history: Sequence[dict[str, Any]]) -> bool:
   ax.plot(it, get("score_best"), "s-", label="best")
   ax.set_xlabel("CEM iteration")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  by_loglik = "accuracy_at_mean" in history[0]  # objective "loglik": the score is log p
+  by_loglik = ranked_by_loglik(history)
   ax.set_ylabel("mean log p(reference)" if by_loglik else "score on the shots")
   handles, labels = ax.get_legend_handles_labels()
   loglik = get("loglik_best")

@@ -531,7 +531,7 @@ def warm_timing(ctx: Context, suite: Suite, pass1: dict) -> dict:
         **t, "pass1_fraction": t["pass1_s"] / t["pass2_s"], "rows": len(texts),
         "seconds": time.perf_counter() - t0})
   ctx.progress(f"target/warm_prompt/{suite.label}", warm_units(ctx.batch, suite),
-               cell.get("seconds") if fresh else None)
+               cell["seconds"] if fresh else None)
   return {k: cell[k] for k in ("pass1_s", "pass2_s", "pass1_fraction", "rows")}
 
 
@@ -599,7 +599,7 @@ def report(result: dict) -> str:
   for lab, search in target["few_shot"].items():
     h = search["history"]
     first, last = h[0], h[-1]
-    by_loglik = "accuracy_at_mean" in first  # objective "loglik": the score is log p
+    by_loglik = adapt.ranked_by_loglik(h)
     score = "mean log p(reference)" if by_loglik else "score"
     line = (f"- few_shot on {lab}: α {np.round(search['alpha'], 3).tolist()}; on the shots, "
             f"first → last of {len(h)} iterations: {score} at the mean "

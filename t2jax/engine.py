@@ -130,16 +130,6 @@ def _adapters(static: Static, factors, z, on):
                          parametrisation=static.parametrisation, max_mult=static.max_mult)
 
 
-def _top_p(logits_NxV, top_p_N):
-  """sampling.Sampler's nucleus filter with a top_p per row."""
-  sorted_desc = jnp.sort(logits_NxV, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = jnp.where(mass_before < top_p_N[:, None], sorted_desc, jnp.inf)
-  cutoff = jnp.min(keep, axis=-1, keepdims=True)
-  return jnp.where(logits_NxV < cutoff, -jnp.inf, logits_NxV)
-
-
 def _pick(logits_NxV, temperature_N, top_p_N, key_Nx2, step_N):
   """Each row's next token (greedy where temperature is 0; otherwise temperature, nucleus and
   sampling.Sampler's inverse-CDF draw from the row's key folded with its step) and its
@@ -153,8 +143,8 @@ def _pick(logits_NxV, temperature_N, top_p_N, key_Nx2, step_N):
     u_N = jax.vmap(jax.random.uniform)(keys)
     logits = logits_NxV / jnp.where(sampled_N, temperature_N, 1.0)[:, None]
     logits = jax.lax.cond(jnp.any(sampled_N & (top_p_N < 1)),
-                          lambda x: _top_p(x, top_p_N), lambda x: x, logits)
-    return sampling._inverse_cdf(jax.nn.softmax(logits, axis=-1), u_N)  # pylint: disable=protected-access
+                          lambda x: sampling.nucleus(x, top_p_N), lambda x: x, logits)
+    return sampling.inverse_cdf(jax.nn.softmax(logits, axis=-1), u_N)
 
   # the sampling math runs only when some row samples: greedy serving pays for argmax alone
   drawn_N = jax.lax.cond(jnp.any(sampled_N), draw, lambda _: greedy_N, None)

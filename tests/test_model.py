@@ -222,7 +222,7 @@ def test_two_level_inverse_cdf_matches_a_flat_search():
   probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
   u = rng.random(b).astype(np.float32)
   u[:5] = np.float32(1) - np.float32(1e-7)
-  got = np.asarray(t2jax.sampling._inverse_cdf(jnp.asarray(probs), jnp.asarray(u), block=64))
+  got = np.asarray(t2jax.sampling.inverse_cdf(jnp.asarray(probs), jnp.asarray(u), block=64))
   cdf = np.cumsum(probs.astype(np.float64), axis=-1)
   want = np.array([np.searchsorted(c, x * c[-1], side="right") for c, x in zip(cdf, u)])
   assert (probs[np.arange(b), got] > 0).all()
@@ -232,7 +232,7 @@ def test_two_level_inverse_cdf_matches_a_flat_search():
   # it (the random rows above never reach that rounding)
   edge = np.zeros((1, 64), np.float32)
   edge[0, 0], edge[0, 1:32] = 0.75, 0.75 * 2.0**-24
-  drawn = t2jax.sampling._inverse_cdf(jnp.asarray(edge), jnp.asarray(u[:1]), block=64)
+  drawn = t2jax.sampling.inverse_cdf(jnp.asarray(edge), jnp.asarray(u[:1]), block=64)
   assert edge[0, int(drawn[0])] > 0, int(drawn[0])
 
 
