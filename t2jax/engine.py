@@ -392,6 +392,7 @@ class Engine:
       a = adapt.simplex(alpha, axis=0)
       self._few_shot_weights = {k: (float(a[i]) if a.ndim == 1 else a[i].tolist())
                                 for i, k in enumerate(self.names)}
+    self.k = max(len(stack), 1)  # α's width: the stacked experts (1 without experts)
     self.factors = self.z_stack = None
     self.static = Static(self.cfg, tuple(model.eos_ids))
     z_init = None
@@ -586,14 +587,13 @@ class Engine:
               for b in range(1, self.admit_rows + 1)}
       ts, rls, kinds = ({x[i] for x in singles} for i in range(3))
       shapes = {(a, t, rl, p) for a in rows for t in ts for rl in rls for p in kinds}
-    k = len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1
     width = _key_data(0).shape
     for a, t, rl, pass1 in sorted(shapes):
       new = Admission(  # every row dropped (slot N): compiles, changes nothing
           slot=np.full(a, self.n, np.int32), tokens=np.zeros((a, t), np.int32),
           length=np.ones(a, np.int32), limit=np.ones(a, np.int32),
           temperature=np.zeros(a, np.float32), top_p=np.ones(a, np.float32),
-          key=np.zeros((a, *width), np.uint32), alpha=np.zeros((a, k), np.float32),
+          key=np.zeros((a, *width), np.uint32), alpha=np.zeros((a, self.k), np.float32),
           on=np.zeros(a, bool), auto=np.full(a, pass1),
           rest=np.zeros((a, rl), np.int32), rest_mask=np.ones((a, rl), bool))
       self.slots, *out = admit(self.model.params, self.factors, self.z_stack,
@@ -650,13 +650,12 @@ class Engine:
     a, t, rest_len = admission_shape(len(handles), max(len(h.request.prompt) for h in handles),
                                      max(len(x) for x in rests), self.admit_rows, self.s)
     rests += [[self.model.pad_id]] * (a - len(handles))
-    k = max(1, len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1)
     slot = np.full(a, self.n, np.int32)
     tokens = np.full((a, t), self.model.pad_id, np.int32)
     length, limit = np.ones(a, np.int32), np.ones(a, np.int32)
     temperature, top_p = np.zeros(a, np.float32), np.ones(a, np.float32)
     key = np.zeros((a, *_key_data(0).shape), np.uint32)
-    alpha, on, auto = np.zeros((a, k), np.float32), np.zeros(a, bool), np.zeros(a, bool)
+    alpha, on, auto = np.zeros((a, self.k), np.float32), np.zeros(a, bool), np.zeros(a, bool)
     for i, (h, j, m) in enumerate(zip(handles, free, mixtures)):
       r = h.request
       slot[i], length[i], limit[i] = j, len(r.prompt), r.max_new
@@ -672,8 +671,7 @@ class Engine:
 
   def _mixture(self, r: Request):
     """(α [K], on, pass 1 decides, the pass-1 rest tokens or None) of one request."""
-    k = len(jax.tree.leaves(self.z_stack)[0]) if self.z_stack is not None else 1
-    alpha = np.zeros(k, np.float32)
+    alpha = np.zeros(self.k, np.float32)
     if r.model == BASE or not self.names:
       return alpha, False, False, None
     if r.model != AUTO:

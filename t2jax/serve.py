@@ -41,19 +41,15 @@ DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}  # OpenAI's completions default i
 # Request bodies → engine requests (every error names its field).
 
 
-def _bad(message: str, param: str | None) -> RequestError:
-  return RequestError(message, param)
-
-
 def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bool = False):
   x = body.get(name, default)
   if x is None:
     return default
   if isinstance(x, bool) or not isinstance(x, int if integer else (int, float)):
     kind = "an integer" if integer else "a number"
-    raise _bad(f"{name} must be {kind}; got {json.dumps(x)[:40]}.", name)
+    raise RequestError(f"{name} must be {kind}; got {json.dumps(x)[:40]}.", name)
   if not (lo <= x <= hi) or (not integer and not math.isfinite(x)):
-    raise _bad(f"{name} must be in [{lo}, {hi}]; got {x}.", name)
+    raise RequestError(f"{name} must be in [{lo}, {hi}]; got {x}.", name)
   return x
 
 
@@ -64,20 +60,21 @@ def _text(content: Any, param: str) -> str:
   if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in content):
     return "".join(p["text"] for p in content)
-  raise _bad("content must be a string or a list of text parts.", param)
+  raise RequestError("content must be a string or a list of text parts.", param)
 
 
 def _messages(body: dict) -> list[dict[str, str]]:
   msgs = body.get("messages")
   if not isinstance(msgs, list) or not msgs:
-    raise _bad("messages must be a non-empty list of {role, content} objects.", "messages")
+    raise RequestError("messages must be a non-empty list of {role, content} objects.", "messages")
   out = []
   for i, m in enumerate(msgs):
     if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-      raise _bad(f"messages[{i}] needs a role of system, user or assistant.", f"messages[{i}]")
+      raise RequestError(f"messages[{i}] needs a role of system, user or assistant.",
+                         f"messages[{i}]")
     out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
   if not any(m["role"] == "user" for m in out):
-    raise _bad("messages needs at least one user turn.", "messages")
+    raise RequestError("messages needs at least one user turn.", "messages")
   return out
 
 
@@ -88,7 +85,8 @@ def _stops(body: dict) -> list[str]:
   stops = [stop] if isinstance(stop, str) else stop
   if (not isinstance(stops, list) or len(stops) > MAX_STOP
       or not all(isinstance(s, str) and s for s in stops)):
-    raise _bad(f"stop must be a non-empty string or a list of up to {MAX_STOP} of them.", "stop")
+    raise RequestError(f"stop must be a non-empty string or a list of up to {MAX_STOP} of them.",
+                       "stop")
   return stops
 
 
@@ -99,7 +97,7 @@ def _weights(body: dict) -> dict[str, float] | None:
   if not isinstance(w, dict) or not w or not all(
       isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
       for k, v in w.items()):
-    raise _bad("expert_weights must map expert labels to numbers.", "expert_weights")
+    raise RequestError("expert_weights must map expert labels to numbers.", "expert_weights")
   return {k: float(v) for k, v in w.items()}
 
 
@@ -107,37 +105,37 @@ def parse(engine: Engine, body: Any, kind: str) -> tuple[Request, dict]:
   """(the engine request, {model, stream, stops, prompt_param}) of a chat ("chat") or
   completions ("text") body; RequestError names the field at fault."""
   if not isinstance(body, dict):
-    raise _bad("the request body must be a JSON object.", None)
+    raise RequestError("the request body must be a JSON object.", None)
   model = body.get("model", AUTO)
   if not isinstance(model, str):
-    raise _bad("model must be a string.", "model")
+    raise RequestError("model must be a string.", "model")
   if model not in engine.models:
-    raise _bad(f"model {model!r} is unknown; use one of {engine.models}.", "model")
+    raise RequestError(f"model {model!r} is unknown; use one of {engine.models}.", "model")
   if _number(body, "n", 1, 1, 1, integer=True) != 1:
-    raise _bad("n must be 1.", "n")
+    raise RequestError("n must be 1.", "n")
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
-    raise _bad("stream must be true or false.", "stream")
+    raise RequestError("stream must be true or false.", "stream")
   tok = engine.model.tokenizer
   if kind == "chat":
     messages = _messages(body)
     try:
       req = engine.chat_request(messages, 1)
     except ValueError as e:  # no tokenizer or chat template
-      raise _bad(str(e), "messages") from e
+      raise RequestError(str(e), "messages") from e
     prompt_param = "messages"
   else:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
       prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-      raise _bad("prompt must be a non-empty string.", "prompt")
+      raise RequestError("prompt must be a non-empty string.", "prompt")
     req = Request(prompt=list(tok(prompt)["input_ids"]), max_new=1, question=prompt)
     prompt_param = "prompt"
   room = engine.s - len(req.prompt)
   if room < 1:
-    raise _bad(f"the prompt has {len(req.prompt)} tokens; this server's context is {engine.s} "
-               "tokens.", prompt_param)
+    raise RequestError(f"the prompt has {len(req.prompt)} tokens; this server's context is "
+                       f"{engine.s} tokens.", prompt_param)
   name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
   max_new = _number(body, name, min(DEFAULT_MAX_TOKENS[kind], room), -2 ** 31, 2 ** 31,
                     integer=True)
@@ -153,7 +151,8 @@ def parse(engine: Engine, body: Any, kind: str) -> tuple[Request, dict]:
   try:
     engine.check(req)
   except RequestError as e:
-    raise _bad(str(e), {"prompt": prompt_param, "max_tokens": name}.get(e.param, e.param)) from e
+    param = {"prompt": prompt_param, "max_tokens": name}.get(e.param, e.param)
+    raise RequestError(str(e), param) from e
   return req, {"model": model, "stream": stream, "stops": stops}
 
 
