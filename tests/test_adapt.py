@@ -22,7 +22,6 @@ from t2jax.tasks.math import Arithmetic
 from t2jax.tokenizer import encode_chats
 
 
-
 LABELS = ["math", "code", "reasoning", "other"]  # "reasoning}" is 3 tokens, the others 2
 QUESTIONS = ["What is 3 + 4?",
              "Write a Python function that returns the sum of a list of integers, or 0.",
